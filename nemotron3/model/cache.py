@@ -1,0 +1,141 @@
+"""HybridCache: the recurrent state a Nemotron-H model carries between forward calls.
+
+Per sequence slot it holds, for every Mamba layer, the causal-conv window (the last `conv_kernel - 1`
+inputs of `xBC`, as the causal_conv1d kernels keep it) and the SSM state [H, P, N] in
+`mamba_ssm_cache_dtype` (fp32); for every attention layer (the MTP block's included) a K/V buffer that
+grows with the sequence. Mamba memory is constant in the sequence length; only the few attention layers
+with their 2 KV heads grow.
+
+A forward call processes `T` new tokens for each of `B` rows; row `b` continues slot `slots[b]` from
+`lengths[slots[b]]`, so rows may sit at different positions (continuous batching). The model reads and
+writes the slots in place and advances `lengths` at the end of the call. Rolling back (speculative
+decoding) is setting `lengths` for attention and restoring Mamba states from snapshots (see the engine).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import NemotronConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HybridCache:
+    def __init__(self, config: NemotronConfig, num_slots: int = 1, max_len: int = 256,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.config = config
+        self.num_slots = num_slots
+        self.dtype = dtype
+        self.device = torch.device(device)
+        c = config
+        ssm_dtype = _DTYPES[c.mamba_ssm_cache_dtype]
+        # Positions live on the host: they drive Python-side indexing. The MTP block's attention runs one
+        # token behind the backbone (it sees the embedding of the *next* token), so it keeps its own count.
+        self.lengths = torch.zeros(num_slots, dtype=torch.long)
+        self.mtp_lengths = torch.zeros(num_slots, dtype=torch.long)
+        self.conv: dict[int, torch.Tensor] = {}
+        self.ssm: dict[int, torch.Tensor] = {}
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for i, kind in self._layers():
+            if kind == "M":
+                self.conv[i] = torch.zeros(num_slots, c.mamba_conv_dim, c.conv_kernel - 1, dtype=dtype, device=device)
+                self.ssm[i] = torch.zeros(num_slots, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size,
+                                          dtype=ssm_dtype, device=device)
+            elif kind == "*":
+                shape = (num_slots, c.num_key_value_heads, max(1, max_len), c.head_dim)
+                self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _layers(self):
+        """(cache index, kind) for every stateful layer: the backbone's, then the MTP block's."""
+        c = self.config
+        yield from enumerate(c.pattern)
+        if c.has_mtp:
+            n = c.num_hidden_layers
+            for j, kind in enumerate(c.mtp_pattern * c.num_nextn_predict_layers):
+                yield n + j, kind
+
+    # ---- per-call view ----
+    def rows(self, slots: torch.Tensor | None, batch: int, mtp: bool = False) -> "CacheRows":
+        if slots is None:
+            if batch > self.num_slots:
+                raise ValueError(f"batch of {batch} rows but the cache has {self.num_slots} slots")
+            slots = torch.arange(batch)
+        slots = torch.as_tensor(slots, dtype=torch.long).cpu()
+        if slots.numel() != batch:
+            raise ValueError(f"{slots.numel()} slots given for a batch of {batch} rows")
+        return CacheRows(self, slots, self.mtp_lengths if mtp else self.lengths)
+
+    def reset(self, slots=None) -> None:
+        """Forget the sequences in `slots` (all if None) so the slots can be reused."""
+        idx = slice(None) if slots is None else torch.as_tensor(slots, dtype=torch.long)
+        self.lengths[idx] = 0
+        self.mtp_lengths[idx] = 0
+        for t in (*self.conv.values(), *self.ssm.values()):
+            t[idx] = 0
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the K/V buffers (doubling) so every slot can hold `needed` positions."""
+        for store in (self.k, self.v):
+            for i, buf in store.items():
+                if buf.shape[2] < needed:
+                    new = buf.new_zeros(buf.shape[0], buf.shape[1], max(needed, 2 * buf.shape[2]), buf.shape[3])
+                    new[:, :, : buf.shape[2]] = buf
+                    store[i] = new
+
+    def nbytes(self) -> dict:
+        """Bytes held now: Mamba state (constant) and K/V buffers (allocated capacity)."""
+        mamba = sum(t.numel() * t.element_size() for t in (*self.conv.values(), *self.ssm.values()))
+        kv = sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+        return {"mamba": mamba, "kv": kv, "total": mamba + kv}
+
+
+class CacheRows:
+    """The slots one forward call touches; each layer gathers its rows and scatters them back."""
+
+    def __init__(self, cache: HybridCache, slots: torch.Tensor, lengths: torch.Tensor):
+        self.cache = cache
+        self.slots = slots
+        self.lengths = lengths
+        self.start = lengths[slots]                          # [B] position of the first new token
+        n = len(slots)
+        self._contig = bool(n and slots[0] == 0 and torch.equal(slots, torch.arange(n)))
+        self._idx = slice(0, n) if self._contig else slots.to(cache.device)
+
+    def get_mamba(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        return c.conv[layer][self._idx], c.ssm[layer][self._idx]
+
+    def set_mamba(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        c = self.cache
+        c.conv[layer][self._idx] = conv.to(c.conv[layer].dtype)
+        c.ssm[layer][self._idx] = ssm.to(c.ssm[layer].dtype)
+
+    def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, n_kv, T, hd] at each row's position; return all keys/values of the rows
+        [B, n_kv, S, hd] and a bool mask [B, 1, T, S] (query i of row b sees keys j <= start_b + i)."""
+        c = self.cache
+        B, _, T, _ = k.shape
+        end = int(self.start.max()) + T
+        c.ensure_capacity(end)
+        kb, vb = c.k[layer], c.v[layer]
+        uniform = bool((self.start == self.start[0]).all())
+        if uniform:
+            s = int(self.start[0])
+            kb[self._idx, :, s:s + T] = k.to(kb.dtype)
+            vb[self._idx, :, s:s + T] = v.to(vb.dtype)
+        else:
+            pos = (self.start[:, None] + torch.arange(T)).to(c.device)          # [B, T]
+            rows = self.slots.to(c.device)[:, None]
+            kb[rows, :, pos] = k.transpose(1, 2).to(kb.dtype)                    # indexed view is [B, T, n_kv, hd]
+            vb[rows, :, pos] = v.transpose(1, 2).to(vb.dtype)
+        keys, values = kb[self._idx, :, :end], vb[self._idx, :, :end]
+        if uniform and int(self.start[0]) == 0:
+            return keys, values, None                           # plain causal prefill
+        q_pos = (self.start[:, None] + torch.arange(T))[:, None, :, None]          # [B,1,T,1]
+        mask = torch.arange(end)[None, None, None, :] <= q_pos
+        return keys, values, mask.to(c.device)
+
+    def advance(self, n: int) -> None:
+        self.lengths[self.slots] += n

@@ -1,0 +1,142 @@
+"""Mamba-2 mixer (`M` layers): in_proj -> causal depthwise conv -> selective SSM (SSD) -> gated norm -> out_proj.
+
+Weight names and shapes are the checkpoint's (`in_proj`, `conv1d`, `dt_bias`, `A_log`, `D`, `norm`,
+`out_proj`). `in_proj` output splits as [z | xBC | dt]; `xBC` = [x | B | C]; head h reads B/C group
+h // (H / G). The SSM runs in fp32 whatever the weight dtype.
+
+Whole sequences use the chunked state-space-duality scan (`ssd_scan`, Mamba-2 paper, Listing 1):
+an intra-chunk quadratic term plus an inter-chunk recurrence over chunk states, exact for any length
+(not only multiples of `chunk_size`), with an optional initial state and the final state returned, so
+chunked prefill continues exactly where the previous chunk stopped. One new token uses the recurrent
+update (`ssm_step`); both give the same numbers up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import NemotronConfig
+from .norm import GatedRMSNorm
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = sum(x[..., j+1 : i+1]) for i >= j, -inf above the diagonal (stable: no subtraction)."""
+    L = x.shape[-1]
+    x = x[..., None].expand(*x.shape, L)
+    x = x.masked_fill(~torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device), -1), 0)
+    out = torch.cumsum(x, dim=-2)
+    return out.masked_fill(~torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device), 0), -math.inf)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
+    """Chunked selective scan without the D skip.
+
+    x [b, l, h, p], dt [b, l, h] (after softplus), A [h], B/C [b, l, g, n]; all computed in fp32.
+    Returns y [b, l, h, p] (fp32) and the final state [b, h, p, n] (fp32).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    pad = (-l) % chunk_size
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    if pad:
+        x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
+        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
+    c, L = (l + pad) // chunk_size, chunk_size
+    xdt = (x * dt[..., None]).view(b, c, L, g, r, p)
+    a = (dt * A.float()).view(b, c, L, h).permute(0, 3, 1, 2)          # [b, h, c, L]
+    a_cum = torch.cumsum(a, dim=-1)
+    B = B.view(b, c, L, g, n)
+    C = C.view(b, c, L, g, n)
+    # 1. intra-chunk (diagonal blocks): y_t = sum_{s<=t} C_t.B_s exp(a_{s+1..t}) dt_s x_s
+    decay = torch.exp(segsum(a)).view(b, g, r, c, L, L)                  # [b, g, r, c, L(t), L(s)]
+    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)                          # [b, g, c, L, L]
+    W = CB[:, :, None] * decay                                             # [b, g, r, c, L, L]
+    y = torch.einsum("bgrcls,bcsgrp->bclgrp", W, xdt)
+    # 2. state of each chunk at its end, from its own inputs
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).view(b, g, r, c, L)
+    states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", B, decay_to_end, xdt)
+    # 3. recurrence over chunks (with the initial state as chunk "-1")
+    init = torch.zeros_like(states[:, :1]) if initial_state is None else \
+        initial_state.float().view(b, 1, g, r, p, n)
+    states = torch.cat([init, states], dim=1)                              # [b, c+1, g, r, p, n]
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0)))).view(b, g, r, c + 1, c + 1)
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
+    final = states[:, -1].reshape(b, h, p, n)
+    # 4. contribution of the state entering each chunk
+    decay_in = torch.exp(a_cum).view(b, g, r, c, L)
+    y = y + torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, states[:, :-1], decay_in)
+    y = y.reshape(b, c * L, h, p)[:, :l]
+    return y, final
+
+
+def ssm_step(state, x, dt, A, B, C):
+    """One recurrent step. state [b, h, p, n] fp32, x [b, h, p], dt [b, h], B/C [b, g, n] -> y [b, h, p], new state."""
+    h, g = x.shape[1], B.shape[1]
+    Bh = B.float().repeat_interleave(h // g, dim=1)                      # [b, h, n]
+    Ch = C.float().repeat_interleave(h // g, dim=1)
+    dt = dt.float()
+    dA = torch.exp(dt * A.float())                                         # [b, h]
+    state = state.float() * dA[..., None, None] + (dt[..., None] * x.float())[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    return y, state
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: NemotronConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.num_heads, self.head_dim = c.mamba_num_heads, c.mamba_head_dim
+        self.n_groups, self.state_size = c.n_groups, c.ssm_state_size
+        self.d_inner, self.conv_dim, self.kernel = c.mamba_d_inner, c.mamba_conv_dim, c.conv_kernel
+        self.in_proj = nn.Linear(c.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=c.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, c.conv_kernel, groups=self.conv_dim,
+                                bias=c.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, c.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, c.hidden_size, bias=c.use_bias)
+
+    def forward(self, u: torch.Tensor, state=None, pad_mask: torch.Tensor | None = None):
+        """u [B, T, d]. `state` is None (whole sequence from zero state) or (conv [B, C, K-1], ssm [B, H, P, N]);
+        returns (out, new_state or None). `pad_mask` [B, T] (1 = token) zeroes padded positions."""
+        Bsz, T, _ = u.shape
+        H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.state_size
+        if pad_mask is not None:
+            u = u * pad_mask[..., None].to(u.dtype)
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
+        # causal depthwise conv over time, continuing from the cached window
+        xBC = xBC.transpose(1, 2)                                          # [B, C, T]
+        w = self.conv1d.weight
+        prev = xBC.new_zeros(Bsz, self.conv_dim, self.kernel - 1) if state is None else state[0].to(xBC.dtype)
+        window = torch.cat([prev, xBC], dim=-1)
+        xBC = F.silu(F.conv1d(window.to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)).to(u.dtype)
+        new_conv = window[:, :, window.shape[-1] - (self.kernel - 1):]
+        xBC = xBC.transpose(1, 2)
+        if pad_mask is not None:
+            xBC = xBC * pad_mask[..., None].to(xBC.dtype)
+        x, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.config.mamba_dt_clamp:
+            dt = dt.clamp(min=self.config.time_step_min)
+        lo, hi = self.config.time_step_limit
+        if lo > 0 or math.isfinite(hi):
+            dt = dt.clamp(min=lo, max=hi)
+        x = x.reshape(Bsz, T, H, P)
+        ssm0 = None if state is None else state[1]
+        if state is not None and T == 1:
+            y, ssm = ssm_step(ssm0, x[:, 0], dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N))
+            y = y[:, None]
+        else:
+            y, ssm = ssd_scan(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N),
+                              self.config.chunk_size, ssm0)
+        y = y + self.D.float()[:, None] * x.float()
+        y = self.norm(y.reshape(Bsz, T, self.d_inner), z)
+        out = self.out_proj(y.to(u.dtype))
+        return out, (None if state is None else (new_conv, ssm))
