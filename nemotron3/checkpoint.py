@@ -1,0 +1,261 @@
+"""Load and save Hugging Face `nemotron_h` model directories (config.json + safetensors).
+
+Reading accepts what exists in the wild: one `model.safetensors`, shards listed by
+`model.safetensors.index.json`, or loose `*.safetensors`; names with the checkpoint prefix `backbone.`
+or transformers' in-memory prefix `model.`; the old `backbone.embedding.weight`; a `language_model.`
+wrapper prefix; routed experts per expert (`experts.{e}.up_proj.weight`, NVIDIA's and transformers'
+on-disk layout) or fused 3-D (`experts.up_proj` [E, I, l], transformers' in-memory layout); `mtp.*`.
+Tensors are read one at a time from memory-mapped files into a model built on the meta device, so
+peak memory is the model plus one tensor (one MoE layer's experts while they are stacked). Only
+safetensors and JSON are read: pickle-based files are refused, never opened.
+
+Writing produces the on-disk layout NVIDIA ships and transformers / vLLM read: `backbone.*` names,
+per-expert tensors, `mtp.*`, sharded with an index above `max_shard_bytes`, files written to a
+temporary name and renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, NemotronConfig
+from .model import NemotronHForCausalLM
+
+_EXPERT = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+_FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A model directory that does not hold a loadable nemotron_h checkpoint; the message says what is wrong."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
+
+
+def canonical_name(name: str) -> str:
+    """Map any accepted spelling of a tensor name to ours (the NVIDIA checkpoint name)."""
+    if name.startswith("language_model."):
+        name = name[len("language_model."):]
+    if name.startswith("model."):
+        name = "backbone." + name[len("model."):]
+    if name == "backbone.embedding.weight":
+        name = "backbone.embeddings.weight"
+    return name
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory, in index order when there is an index."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {missing}")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found {pickled}: pickle-based files are never loaded; convert them to safetensors)" if pickled else ""
+        raise CheckpointError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+class TensorSource:
+    """Lazy, name-normalised view of the tensors in a directory's safetensors files."""
+
+    def __init__(self, path: Path):
+        self.handles = []
+        self.where: dict[str, tuple[int, str]] = {}
+        for f in safetensors_files(path):
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+            self.handles.append(h)
+            for raw in h.keys():
+                name = canonical_name(raw)
+                if name in self.where:
+                    raise CheckpointError(f"tensor {raw!r} appears twice (in {f.name} and another file)")
+                self.where[name] = (len(self.handles) - 1, raw)
+
+    def names(self):
+        return self.where.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        i, raw = self.where[name]
+        return self.handles[i].get_tensor(raw)
+
+    def shape(self, name: str) -> tuple:
+        i, raw = self.where[name]
+        return tuple(self.handles[i].get_slice(raw).get_shape())
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if attr in mod._parameters:
+        mod._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=mod._parameters[attr].requires_grad)
+    else:
+        mod._buffers[attr] = tensor
+
+
+def _check(name: str, t: torch.Tensor, expected: torch.Size) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise CheckpointError(f"tensor {name}: expected shape {tuple(expected)}, found {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(f"tensor {name}: unsupported dtype {t.dtype} (expected float32, bfloat16 or float16)")
+
+
+def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
+         config: NemotronConfig | None = None) -> NemotronHForCausalLM:
+    """Load a model directory. `dtype` None keeps float32 on CPU (fast matmuls everywhere) and the
+    checkpoint's `torch_dtype` on accelerators; the router's `e_score_correction_bias` stays fp32."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    config = config or NemotronConfig.from_json_file(path)
+    if "quantization_config" in config.extra:
+        raise CheckpointError(f"{path} is a quantized checkpoint ({config.extra['quantization_config'].get('quant_algo')}); "
+                              "quantized formats are not supported by this loader")
+    dtype = parse_dtype(dtype)
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else \
+            _DTYPE_NAMES.get(config.torch_dtype or "bfloat16", torch.bfloat16)
+    src = TensorSource(path)
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+
+    # Group per-expert tensors by (layer, projection); everything else maps by name.
+    experts: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    direct, unexpected = {}, []
+    for name in src.names():
+        m = _EXPERT.match(name)
+        if m and f"{m.group(1)}.{m.group(3)}" in expected:
+            experts[(m.group(1), m.group(3))][int(m.group(2))] = name
+        elif name in expected:
+            direct[name] = name
+        elif name.startswith("mtp.") and not config.has_mtp:
+            continue                     # as transformers: MTP weights ignored by a model without MTP
+        elif config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) for this config, e.g. {unexpected[:5]}")
+    for (prefix, proj), got in experts.items():
+        fused = f"{prefix}.{proj}"
+        if fused in direct:
+            raise CheckpointError(f"{fused} is stored both fused and per expert")
+        n = expected[fused][0]
+        missing_e = sorted(set(range(n)) - set(got))
+        extra_e = sorted(set(got) - set(range(n)))
+        if missing_e or extra_e:
+            raise CheckpointError(f"{fused}: expected experts 0..{n - 1}; missing {missing_e[:8]}, extra {extra_e[:8]}")
+    missing = sorted(set(expected) - set(direct) - {f"{p}.{j}" for p, j in experts})
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensor(s) missing from {path}: {missing[:8]}")
+
+    for name in direct:
+        t = src.get(name)
+        _check(name, t, expected[name])
+        keep_fp32 = name.endswith("e_score_correction_bias")
+        _assign(model, name, t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
+    for (prefix, proj), got in experts.items():
+        fused = f"{prefix}.{proj}"
+        parts = []
+        for e in range(len(got)):
+            t = src.get(got[e])
+            _check(got[e], t, expected[fused][1:])
+            parts.append(t.to(device=device, dtype=dtype))
+        _assign(model, fused, torch.stack(parts))
+        del parts
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return model.eval()
+
+
+def checkpoint_state(model: NemotronHForCausalLM, dtype=None, fused_experts: bool = False) -> dict:
+    """The tensors to write, under checkpoint names (per-expert unless `fused_experts`)."""
+    dtype = parse_dtype(dtype)
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        t = t.detach()
+        if dtype is not None and not name.endswith("e_score_correction_bias"):
+            t = t.to(dtype)
+        m = re.match(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)$", name)
+        if m and not fused_experts:
+            for e in range(t.shape[0]):
+                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e].contiguous()
+        else:
+            out[name] = t.contiguous()
+    return out
+
+
+def save(model: NemotronHForCausalLM, path: str | os.PathLike, dtype=None,
+         max_shard_bytes: int = 5 * 2**30, fused_experts: bool = False) -> None:
+    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = checkpoint_state(model, dtype, fused_experts)
+    config = model.config
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    config = config.replace(torch_dtype=dtype_name.get(parse_dtype(dtype) or model.dtype, "float32"))
+    shards, current, size = [], {}, 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = state[name]
+        size += nbytes
+    shards.append(current)
+    for old in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
+        if old.exists():
+            old.unlink()
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_save(shards[0], path / "model.safetensors", meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, path / fname, meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        tmp = path / "model.safetensors.index.json.tmp"
+        tmp.write_text(json.dumps(index, indent=2))
+        tmp.replace(path / "model.safetensors.index.json")
+    config.save(path)
+
+
+def _atomic_save(tensors: dict, target: Path, metadata: dict) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(target)
+
+
+__all__ = ["load", "save", "CheckpointError", "ConfigError", "checkpoint_state", "canonical_name"]
