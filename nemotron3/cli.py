@@ -35,7 +35,7 @@ def cmd_info(args) -> None:
     from .presets import format_report, report_dict
     cfg, name = _config_for(args.model)
     if args.json:
-        print(json.dumps(report_dict(cfg, args.context), indent=2))
+        print(json.dumps(report_dict(cfg, args.context, name), indent=2))
     else:
         print(format_report(cfg, name, args.context))
 

@@ -250,7 +250,7 @@ class NemotronConfig:
                 continue
             v = getattr(self, f.name)
             if f.name == "time_step_limit":
-                v = [x if math.isfinite(x) else {"__float__": "Infinity"} for x in v]
+                v = list(v)
             if f.name == "torch_dtype" and v is None:
                 continue
             d[f.name] = v
@@ -279,7 +279,10 @@ class NemotronConfig:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / "config.json.tmp"
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        d = self.to_dict()
+        # strict JSON has no Infinity: write it the way transformers does
+        d["time_step_limit"] = [x if math.isfinite(x) else {"__float__": "Infinity"} for x in d["time_step_limit"]]
+        tmp.write_text(json.dumps(d, indent=2) + "\n")
         tmp.replace(directory / "config.json")
 
     def replace(self, **changes) -> "NemotronConfig":
