@@ -1,0 +1,1 @@
+"""Miniature pretraining pipeline: offline corpus, BPE tokenizer, packed batches."""

@@ -1,0 +1,136 @@
+"""Packed fixed-length training batches from a tokenized corpus.
+
+Design decisions:
+
+* Documents are encoded with control-token strings treated as plain text, EOS is
+  appended to each, and everything is concatenated into one token stream (cached as
+  ``<split>.tokens-<key>.npy`` next to the ``.jsonl``; uint16 when the vocab fits,
+  loaded without pickle; ``key`` hashes the corpus bytes and the tokenizer).
+* Row ``i`` is ``stream[i*T : i*T + T + 1]`` (stride ``T``, so consecutive rows share one
+  boundary token and every token after the first is a target exactly once);
+  ``input_ids = row[:-1]``, ``labels = row[1:]``. A label is ``-100`` where the input
+  token is EOS, i.e. where the target would be the first token of the next document:
+  no cross-document prediction (attention may still see the previous document).
+* Batch ``k`` is a pure function of ``(seed, k, batch_size, world_size, rank)``: epoch
+  ``e`` uses the permutation ``default_rng([seed, e])``, each step consumes
+  ``batch_size * world_size`` consecutive permuted rows (rank ``r`` takes the ``r``-th
+  slice), and the ragged tail of each epoch is dropped. Hence ``batches(start_step=k)``
+  reproduces an uninterrupted run exactly and ranks never share a row within a step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from itertools import count
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .corpus import iter_documents
+
+IGNORE_INDEX = -100
+
+
+def tokenize_documents(texts, tokenizer, chunk: int = 64) -> np.ndarray:
+    """Concatenate ``encode(text) + [eos]`` for every text into one 1-D array."""
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    parts, buf = [], []
+
+    def flush():
+        for ids in tokenizer.encode_batch(buf, parse_special=False):
+            parts.append(np.asarray(ids + [tokenizer.eos_id], dtype=dtype))
+        buf.clear()
+
+    for text in texts:
+        buf.append(text)
+        if len(buf) >= chunk:
+            flush()
+    flush()
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def load_tokens(corpus: str | os.PathLike, tokenizer, split: str = "train", cache: bool = True) -> np.ndarray:
+    """Token stream of ``corpus`` (a corpus dir or a ``.jsonl`` file), cached as ``.npy``."""
+    path = Path(corpus)
+    if path.is_dir():
+        path = path / f"{split}.jsonl"
+    key = hashlib.sha256(path.read_bytes() + tokenizer.fingerprint.encode()).hexdigest()[:16]
+    cache_path = path.with_name(f"{path.stem}.tokens-{key}.npy")
+    if cache and cache_path.exists():
+        return np.load(cache_path, allow_pickle=False)
+    tokens = tokenize_documents((d["text"] for d in iter_documents(path)), tokenizer)
+    if cache:
+        tmp = cache_path.with_name(cache_path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, tokens, allow_pickle=False)
+        os.replace(tmp, cache_path)
+    return tokens
+
+
+class PackedDataset:
+    """Rows of ``seq_len + 1`` tokens cut from one token stream; see module docstring."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int, seed: int = 0, shuffle: bool = True):
+        self.tokens = np.asarray(tokens)
+        self.seq_len, self.eos_id, self.seed, self.shuffle = int(seq_len), int(eos_id), int(seed), shuffle
+        self.num_rows = max(0, (len(self.tokens) - 1) // self.seq_len)
+        if self.num_rows == 0:
+            raise ValueError(f"{len(self.tokens)} tokens are too few for seq_len={seq_len}")
+
+    @classmethod
+    def from_corpus(cls, corpus, tokenizer, seq_len: int, split: str = "train", seed: int = 0,
+                    shuffle: bool = True, cache: bool = True) -> "PackedDataset":
+        return cls(load_tokens(corpus, tokenizer, split, cache), seq_len, tokenizer.eos_id, seed, shuffle)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def rows(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)`` LongTensors ``[len(idx), seq_len]`` for row indices ``idx``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        window = self.tokens[idx[:, None] * self.seq_len + np.arange(self.seq_len + 1)].astype(np.int64)
+        x, y = window[:, :-1], window[:, 1:].copy()
+        y[x == self.eos_id] = IGNORE_INDEX
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Row order of ``epoch`` (the last one is memoised)."""
+        if getattr(self, "_cached", (None,))[0] != epoch:
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_rows) if self.shuffle
+                     else np.arange(self.num_rows))
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> int:
+        return self.num_rows // (batch_size * world_size)
+
+    def batch_rows(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Row indices of ``rank``'s share of global step ``step``."""
+        spe = self.steps_per_epoch(batch_size, world_size)
+        if spe == 0:
+            raise ValueError(f"{self.num_rows} rows < batch_size*world_size={batch_size * world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        epoch, k = divmod(int(step), spe)
+        start = (k * world_size + rank) * batch_size
+        return self._order(epoch)[start:start + batch_size]
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        """``(input_ids, labels)``, each ``[batch_size, seq_len]`` int64, for global step ``step``."""
+        return self.rows(self.batch_rows(step, batch_size, rank, world_size))
+
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world_size: int = 1,
+                num_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless (or ``num_steps``-long) stream of batches starting at ``start_step``."""
+        steps = count(start_step) if num_steps is None else range(start_step, start_step + num_steps)
+        for step in steps:
+            yield self.batch(step, batch_size, rank, world_size)
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world_size: int = 1):
+        """One ordered pass over this rank's rows (``rank::world_size``); last batch may be short."""
+        mine = np.arange(rank, self.num_rows, world_size)
+        for i in range(0, len(mine), batch_size):
+            yield self.rows(mine[i:i + batch_size])
