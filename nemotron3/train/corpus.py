@@ -54,7 +54,7 @@ def _walk(root: Path, keep) -> list[Path]:
 
 
 def _is_doc(name: str) -> bool:
-    match = lambda pats: any(fnmatch.fnmatch(name, p) for p in pats)  # noqa: E731
+    match = lambda pats: any(fnmatch.fnmatch(name.lower(), p.lower()) for p in pats)  # noqa: E731
     return match(DOC_PATTERNS) and not match(DOC_EXCLUDED)
 
 
