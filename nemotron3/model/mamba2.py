@@ -113,11 +113,13 @@ class Mamba2Mixer(nn.Module):
         # causal depthwise conv over time, continuing from the cached window
         xBC = xBC.transpose(1, 2)                                          # [B, C, T]
         w = self.conv1d.weight
-        prev = xBC.new_zeros(Bsz, self.conv_dim, self.kernel - 1) if state is None else state[0].to(xBC.dtype)
-        window = torch.cat([prev, xBC], dim=-1)
-        xBC = F.silu(F.conv1d(window.to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)).to(u.dtype)
-        new_conv = window[:, :, window.shape[-1] - (self.kernel - 1):]
-        xBC = xBC.transpose(1, 2)
+        if state is None:          # zero history: let the conv pad instead of concatenating zeros
+            window, pad = xBC, self.kernel - 1
+        else:
+            window, pad = torch.cat([state[0].to(xBC.dtype), xBC], dim=-1), 0
+        xBC = F.conv1d(window.to(w.dtype), w, self.conv1d.bias, padding=pad, groups=self.conv_dim)[..., :T]
+        xBC = F.silu(xBC).to(u.dtype).transpose(1, 2)
+        new_conv = None if state is None else window[:, :, window.shape[-1] - (self.kernel - 1):]
         if pad_mask is not None:
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
