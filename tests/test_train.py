@@ -1,0 +1,237 @@
+"""Pretraining loop: WSD schedule, MTP / balance losses, bias update, learning, exact resume,
+pickle-free checkpoints, export, Ctrl-C, and DDP == single process."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nemotron3
+from nemotron3.model import NemotronHForCausalLM
+from nemotron3.train.pretrain import (TrainLoss, load_recipe, model_config, mtp_labels, prepare_data, train,
+                                      wsd_lr)
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "tiny-test.json"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    """Corpus (8 small stdlib files) + 512-token BPE tokenizer, built once for the module."""
+    root = tmp_path_factory.mktemp("tiny")
+    r = load_recipe(RECIPE, {"data.corpus_dir": str(root / "corpus"), "data.tokenizer_dir": str(root / "tok")})
+    prepare_data(r, r["model"]["vocab_size"])
+    return root
+
+
+def recipe(data_dirs, out, **train):
+    over = {"data.corpus_dir": str(data_dirs / "corpus"), "data.tokenizer_dir": str(data_dirs / "tok"),
+            "data.seq_len": 32, "out_dir": str(out), "train.eval_every": 1000, "train.save_every": 1000,
+            "train.threads": 1}   # one thread: a tiny model gains nothing from more, and a busy CPU hurts less
+    over.update({f"train.{k}": v for k, v in train.items()})
+    return load_recipe(RECIPE, over)
+
+
+def losses(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_wsd_schedule():
+    t = dict(lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=100, decay_fraction=0.2)
+    assert wsd_lr(0, t) == pytest.approx(0.1)                         # (step+1)/warmup
+    assert wsd_lr(4, t) == pytest.approx(0.5)
+    assert wsd_lr(9, t) == wsd_lr(10, t) == wsd_lr(79, t) == 1.0       # flat until the decay starts
+    assert wsd_lr(80, t) == 1.0                                         # decay start: 1 - sqrt(0)
+    assert wsd_lr(85, t) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.25)))
+    assert wsd_lr(90, t) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.5)))
+    assert wsd_lr(99, t) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.95)))
+    assert wsd_lr(100, t) == pytest.approx(0.1)                         # reaches min_lr at total_steps
+    lrs = [wsd_lr(s, t) for s in range(100)]
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_mtp_and_aux_loss_match_hand_computation():
+    torch.manual_seed(0)
+    r = load_recipe(RECIPE)
+    model = NemotronHForCausalLM(model_config(r))
+    t = dict(r["train"], mtp_depths=2, mtp_loss_factor=0.3, moe_aux_loss_coeff=0.01)
+    lm = TrainLoss(model, t)
+    B, T, V = 2, 12, model.config.vocab_size
+    ids = torch.randint(0, V, (B, T))
+    labels = torch.cat([ids[:, 1:], torch.randint(0, V, (B, 1))], 1)
+    labels[0, 3] = labels[1, 7] = labels[1, 10] = -100                 # document boundaries
+    norm = torch.tensor([float((labels != -100).sum())] + [float((mtp_labels(labels, k) != -100).sum())
+                                                            for k in (1, 2)] + [B * 4.0])   # 4 MoE calls
+    lm.record(True)
+    loss, terms = lm(ids, labels, norm, 1)
+    lm.record(False)
+
+    # by hand: depth-k logits at t predict token t+k+1 = labels[t+k], valid only if labels[t..t+k] all valid
+    with torch.no_grad():
+        main, mtps = model.forward_mtp(ids, 2)
+    ce = lambda logit, y: -F.log_softmax(logit, -1)[y]                  # noqa: E731
+    main_terms = [ce(main[b, t], labels[b, t]) for b in range(B) for t in range(T) if labels[b, t] != -100]
+    hand_lm = torch.stack(main_terms).mean()
+    hand_mtp = []
+    for k, logits in enumerate(mtps, 1):
+        assert logits.shape[1] == T - k
+        xs = [ce(logits[b, t], labels[b, t + k]) for b in range(B) for t in range(T - k)
+              if all(labels[b, t + j] != -100 for j in range(k + 1))]
+        hand_mtp.append(torch.stack(xs).mean())
+    assert terms[0].item() == pytest.approx(hand_lm.item(), rel=1e-5)
+    for k in (1, 2):
+        assert terms[k].item() == pytest.approx(hand_mtp[k - 1].item(), rel=1e-5)
+    # aux: per sequence, sum_i f_i P_i with f_i = E/(k T') count_i, P_i = mean_t s_ti / sum_j s_tj
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: calls.append(tuple(x.detach() for x in mod.router_stats)),
+                                    prepend=True)
+             for m in model.moe_layers()]
+    for m in model.moe_layers():
+        m.record_router = True
+    with torch.no_grad():
+        model.forward_mtp(ids, 2)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 4                  # layers 2 and 4, the MTP MoE once per depth
+    seq = []
+    for scores, idx in calls:
+        E, k = scores.shape[1], idx.shape[1]
+        s, idx = scores.view(B, -1, E), idx.view(B, -1, k)
+        for b in range(B):
+            Tp = s.shape[1]
+            f = torch.tensor([(idx[b] == i).sum().item() * E / (k * Tp) for i in range(E)])
+            P = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+            seq.append((f * P).sum())
+    hand_aux = torch.stack(seq).mean()
+    assert terms[3].item() == pytest.approx(hand_aux.item(), rel=1e-5)
+    hand_total = hand_lm + 0.3 / 2 * sum(hand_mtp) + 0.01 * hand_aux
+    assert loss.item() == pytest.approx(hand_total.item(), rel=1e-5)
+
+
+def test_bias_update_moves_towards_balance():
+    torch.manual_seed(0)
+    r = load_recipe(RECIPE)
+    model = NemotronHForCausalLM(model_config(r))
+    lm = TrainLoss(model, r["train"])
+    ids = torch.randint(0, 512, (2, 16))
+    lm.record(True)
+    lm(ids, ids, torch.ones(4), 1)[0].backward()
+    lm.record(False)
+    before = {n: m.gate.e_score_correction_bias.clone() for n, m in lm.moes}
+    counts = {n: lm.counts[id(m)].clone() for n, m in lm.moes}
+    stats = lm.update_bias(1e-3, False)
+    for n, m in lm.moes:
+        c, delta = counts[n], m.gate.e_score_correction_bias - before[n]
+        assert c.sum() > 0 and stats[n]["max"] >= 1 >= stats[n]["min"]
+        assert torch.equal(torch.sign(delta), torch.sign(c.mean() - c))    # overloaded down, underloaded up
+        assert torch.allclose(delta.abs()[c != c.mean()], torch.tensor(1e-3))
+        assert lm.counts[id(m)].sum() == 0                                 # counts reset per step
+
+
+def test_training_reduces_loss(data_dirs, tmp_path):
+    res = train(recipe(data_dirs, tmp_path, total_steps=30, warmup_steps=3, eval_every=30), progress=False)
+    log = losses(tmp_path)
+    assert len(log) == 30 and res["step"] == 30
+    first, last = sum(r["lm_loss"] for r in log[:3]) / 3, sum(r["lm_loss"] for r in log[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert log[0]["lm_loss"] == pytest.approx(math.log(512), abs=0.1)
+    assert res["val_loss"] < log[0]["lm_loss"] - 0.5
+    assert all(len(r["mtp_loss"]) == 2 and r["expert_load"] for r in log)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_resume_is_exact_and_checkpoint_is_pickle_free(data_dirs, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    kw = dict(total_steps=12, warmup_steps=3, eval_every=6, save_every=4)
+    train(recipe(data_dirs, a, **kw), progress=False)
+    assert train(recipe(data_dirs, b, **kw), max_steps=7, progress=False)["step"] == 7
+    state = json.loads((b / "checkpoint" / "trainer" / "state.json").read_text())
+    assert state["step"] == 7 and not (b / "model").exists()
+    with pytest.raises(FileExistsError):                                   # never silently overwrite a run
+        train(recipe(data_dirs, b, **kw), progress=False)
+    train(recipe(data_dirs, b, **kw), resume=True, progress=False)
+    la, lb = losses(a), losses(b)
+    assert [r["step"] for r in lb] == list(range(1, 13))
+    for ra, rb in zip(la, lb):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
+        assert ra.get("val_loss") == pytest.approx(rb.get("val_loss"), abs=1e-6)
+    # safetensors + JSON only, and no pickle payload anywhere
+    files = [p for p in (b / "checkpoint").rglob("*") if p.is_file()] + list((b / "model").iterdir())
+    assert files and all(p.suffix in (".safetensors", ".json") for p in files), files
+    assert not any(p.read_bytes()[:2] in (b"\x80\x02", b"\x80\x04", b"PK") for p in files)
+    # the exported bf16 model loads and matches the fp32 checkpoint up to bf16 rounding
+    exported = json.loads((b / "model" / "config.json").read_text())
+    assert exported["torch_dtype"] == "bfloat16" and (b / "model" / "tokenizer.json").exists()
+    m16, m32 = nemotron3.load(b / "model"), nemotron3.load(b / "checkpoint")
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert (m16(ids) - m32(ids)).abs().max() < 0.25
+
+
+def test_precision_nvfp4_not_available(data_dirs, tmp_path):
+    with pytest.raises(NotImplementedError, match="not available yet"):
+        train(recipe(data_dirs, tmp_path, precision="nvfp4"), progress=False)
+
+
+def test_sigint_saves_and_exits_cleanly(data_dirs, tmp_path):
+    r = recipe(data_dirs, tmp_path, total_steps=100000, warmup_steps=3)
+    (tmp_path / "r.json").write_text(json.dumps(r))
+    proc = subprocess.Popen([sys.executable, "-m", "nemotron3.train", str(tmp_path / "r.json"), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 60
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode()
+    state = json.loads((tmp_path / "checkpoint" / "trainer" / "state.json").read_text())
+    assert state["step"] == len(losses(tmp_path)) >= 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, r):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+    try:
+        train(r, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_match_single_process(data_dirs, tmp_path):
+    kw = dict(total_steps=6, warmup_steps=2, eval_every=3)
+    train(recipe(data_dirs, tmp_path / "one", batch_size=4, **kw), progress=False)
+    r = recipe(data_dirs, tmp_path / "two", batch_size=2, threads=2, **kw)      # 2 // 2 ranks = 1 thread each
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), r), nprocs=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        assert a["tokens"] == b["tokens"]
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+        assert a["mtp_loss"] == pytest.approx(b["mtp_loss"], abs=1e-5)
+        assert a.get("val_loss") == pytest.approx(b.get("val_loss"), abs=1e-5)
