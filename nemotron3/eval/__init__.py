@@ -1,0 +1,1 @@
+"""Evaluation: language-model loss / perplexity and MTP per-depth accuracy on held-out text."""
