@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -140,6 +141,11 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
         dtype = torch.float32 if torch.device(device).type == "cpu" else \
             _DTYPE_NAMES.get(config.torch_dtype or "bfloat16", torch.bfloat16)
     src = TensorSource(path)
+    if config.has_mtp and not any(n.startswith("mtp.") for n in src.names()):
+        # e.g. saved by transformers, which has no MTP module: load the backbone, drafting unavailable
+        warnings.warn(f"{path}: config has num_nextn_predict_layers={config.num_nextn_predict_layers} but the "
+                      "checkpoint holds no mtp.* tensors; loading without the MTP block")
+        config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = NemotronHForCausalLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -87,6 +87,28 @@ def test_mtp_weights_ignored_when_config_has_no_mtp(tmp_path):
     assert nemotron3.load(tmp_path, config=cfg).mtp is None
 
 
+def test_transformers_checkpoint_without_mtp_tensors_loads_backbone(tmp_path):
+    """transformers keeps num_nextn_predict_layers in config.json but saves no mtp.* weights."""
+    model = make(mtp=True)
+    hf = hf_model_from(model)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    with pytest.warns(UserWarning, match="no mtp"):
+        ours = nemotron3.load(tmp_path)
+    assert ours.mtp is None
+    ids = ids_for(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_partial_mtp_tensors_are_an_error(tmp_path):
+    _, files = _saved(tmp_path, mtp=True)
+    del files["mtp.layers.0.eh_proj.weight"]
+    save_file(files, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing.*mtp\.layers\.0\.eh_proj\.weight"):
+        nemotron3.load(tmp_path)
+
+
 def test_meta_device_instantiation_of_the_largest_preset():
     from nemotron3.presets import count_parameters, get_preset
     cfg = get_preset("ultra")
