@@ -149,7 +149,10 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     with torch.device("meta"):
         model = NemotronHForCausalLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    # tie_word_embeddings: share the embedding unless the file has its own lm_head (transformers' NemotronH
+    # never ties, so its checkpoints carry lm_head.weight even when the flag is set)
+    tied = config.tie_word_embeddings and "lm_head.weight" not in src.names()
+    if tied:
         expected.pop("lm_head.weight", None)
 
     # Group per-expert tensors by (layer, projection); everything else maps by name.
@@ -163,8 +166,6 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
             direct[name] = name
         elif name.startswith("mtp.") and not config.has_mtp:
             continue                     # as transformers: MTP weights ignored by a model without MTP
-        elif config.tie_word_embeddings and name == "lm_head.weight":
-            continue
         else:
             unexpected.append(name)
     if unexpected:
@@ -196,7 +197,7 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
             parts.append(t.to(device=device, dtype=dtype))
         _assign(model, fused, torch.stack(parts))
         del parts
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.backbone.embeddings.weight
     return model.eval()
 
@@ -206,7 +207,7 @@ def checkpoint_state(model: NemotronHForCausalLM, dtype=None, fused_experts: boo
     dtype = parse_dtype(dtype)
     out = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+        if name == "lm_head.weight" and model.lm_head.weight is model.backbone.embeddings.weight:
             continue
         t = t.detach()
         if dtype is not None and not name.endswith("e_score_correction_bias"):

@@ -230,13 +230,13 @@ class NemotronConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"pattern", "mtp_pattern", "extra"}
         kwargs = {k: d[k] for k in names if k in d}
         extra = {k: v for k, v in d.items() if k not in names and k not in _DERIVED_KEYS}
-        for k in ("num_key_value_heads", "head_dim"):
-            if kwargs.get(k) is None:
-                kwargs.pop(k, None)
-        if "num_key_value_heads" not in kwargs and "num_attention_heads" in kwargs:
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        if "head_dim" not in kwargs and "hidden_size" in kwargs:
-            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs.get("num_attention_heads", 32)
+        # Absent fields take transformers' defaults (dataclass defaults); explicit nulls as transformers
+        # resolves them: num_key_value_heads -> num_attention_heads, head_dim -> hidden / heads.
+        if "num_key_value_heads" in kwargs and kwargs["num_key_value_heads"] is None:
+            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
+        if "head_dim" in kwargs and kwargs["head_dim"] is None:
+            kwargs["head_dim"] = kwargs.get("hidden_size", cls.hidden_size) // kwargs.get(
+                "num_attention_heads", cls.num_attention_heads)
         try:
             return cls(pattern=pattern, mtp_pattern=mtp, extra=extra, **kwargs)
         except TypeError as e:  # e.g. a list where an int belongs

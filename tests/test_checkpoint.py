@@ -109,6 +109,18 @@ def test_partial_mtp_tensors_are_an_error(tmp_path):
         nemotron3.load(tmp_path)
 
 
+def test_tied_embeddings(tmp_path):
+    model = make(mtp=False, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.backbone.embeddings.weight
+    nemotron3.save(model, tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    again = nemotron3.load(tmp_path)
+    assert again.lm_head.weight is again.backbone.embeddings.weight
+    ids = ids_for(model)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), model(ids))
+
+
 def test_meta_device_instantiation_of_the_largest_preset():
     from nemotron3.presets import count_parameters, get_preset
     cfg = get_preset("ultra")
