@@ -1,8 +1,10 @@
 """The `nemotron3` command. Subcommands follow vLLM's conventions (`nemotron3 serve MODEL --port 8000`).
 
     nemotron3 info PRESET|PATH [--json] [--context N]   parameter / memory accounting
-    nemotron3 generate [--model PATH] "prompt"          greedy generation
+    nemotron3 generate [--model PATH] "prompt"          generation (greedy, or --temperature/--seed; MTP drafts)
     nemotron3 train RECIPE.json [...]                   pretraining (see recipes/)
+    nemotron3 serve [MODEL] [--port 8000] [...]         OpenAI/Anthropic-compatible server + web chat at /
+    nemotron3 chat [MODEL]                              interactive terminal chat (/exit, /reset, /think on|off)
 """
 from __future__ import annotations
 
@@ -52,10 +54,47 @@ def cmd_generate(args) -> None:
     if not ids:
         raise SystemExit("error: the prompt is empty")
     stop = {tok.eos_id} | {i for i in (tok.token_to_id("<|im_end|>"),) if i is not None}
-    for piece in greedy_generate(model, ids, args.max_tokens, stop_ids=stop, decode=tok.decode):
+    for piece in greedy_generate(model, ids, args.max_tokens, stop_ids=stop, decode=tok.decode,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                 num_speculative_tokens=args.num_speculative_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _engine_kwargs(args) -> dict:
+    return dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                num_speculative_tokens=args.num_speculative_tokens, dtype=args.dtype)
+
+
+def cmd_serve(args) -> None:
+    import logging
+    import uvicorn
+    from .engine import LLM
+    from .server import create_app
+    model = args.model or default_model()
+    names = args.served_model_name or [args.model or Path(model).name]
+    app = create_app(LLM(model, **_engine_kwargs(args)), served_model_name=names, api_key=args.api_key,
+                     max_pending=args.max_pending, max_body_bytes=args.max_request_bytes)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(f"serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API under /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def cmd_chat(args) -> None:
+    from .chat.terminal import run_chat
+    from .engine import LLM
+    llm = LLM(args.model or default_model(), **_engine_kwargs(args))
+    run_chat(llm.engine, system=args.system, thinking=not args.no_thinking, thinking_budget=args.thinking_budget,
+             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+
+
+def _engine_args(s) -> None:
+    s.add_argument("model", nargs="?", default=None, help="model directory (default: the embedded pico model)")
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (cache slots)")
+    s.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
 def cmd_train(args, rest) -> None:
@@ -73,12 +112,40 @@ def main(argv=None) -> None:
     s.add_argument("--context", type=int, default=None, help="context length for the per-sequence cache report")
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("generate", help="greedy generation from a prompt")
+    s = sub.add_parser("generate", help="generate from a prompt (greedy by default)")
     s.add_argument("prompt")
     s.add_argument("--model", default=default_model(), help="model directory (default: the embedded pico model)")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
+    s.add_argument("--num-speculative-tokens", type=int, default=0,
+                   help="MTP self-speculative decoding with k draft tokens (needs a model with an MTP block)")
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI/Anthropic-compatible API server and web chat (vLLM-style flags)")
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("NEMOTRON3_API_KEY"),
+                   help="require this key on /v1/* (Bearer or x-api-key; default: $NEMOTRON3_API_KEY)")
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use as `model` (default: MODEL as given, or 'pico')")
+    s.add_argument("--max-pending", type=int, default=256, help="sequences in flight before 429")
+    s.add_argument("--max-request-bytes", type=int, default=8 << 20, help="request body limit (413 above)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("chat", help="interactive terminal chat with a model (no server)")
+    _engine_args(s)
+    s.add_argument("--system", default=None, help="system prompt")
+    s.add_argument("--no-thinking", action="store_true", help="start with thinking off (/think on|off toggles)")
+    s.add_argument("--thinking-budget", type=int, default=None, help="max reasoning tokens per reply")
+    s.add_argument("--temperature", type=float, default=0.6)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply (reasoning included)")
+    s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("train", help="pretrain from a recipe (see recipes/); extra flags go to the trainer")
     s.add_argument("recipe")

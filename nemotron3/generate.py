@@ -1,41 +1,49 @@
-"""Minimal greedy generation over a HybridCache (the engine in `nemotron3.engine` supersedes it for serving).
+"""Single-prompt generation for the CLI, on top of the engine (`nemotron3.engine`).
 
-Prefill the prompt in one forward, then decode one token per step with the recurrent Mamba update and
-the KV cache: per-step cost is constant in the Mamba layers and linear in the context only in the few
-attention layers.
+`generate_ids` streams token ids for one prompt through an `LLMEngine` with one slot (greedy by
+default; temperature / seed / MTP speculation optional); `greedy_generate` keeps the original CLI
+signature and yields decoded text pieces as they become complete characters.
 """
 from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-import torch
+from .engine import LLMEngine, SamplingParams
+from .model import NemotronHForCausalLM
 
-from .model import HybridCache, NemotronHForCausalLM
 
-
-@torch.inference_mode()
-def greedy_ids(model: NemotronHForCausalLM, prompt: list[int], max_tokens: int,
-               stop_ids: Iterable[int] = ()) -> Iterator[int]:
-    """Yield greedy token ids after `prompt` until a stop id (not yielded) or `max_tokens`."""
+def generate_ids(model: NemotronHForCausalLM, prompt: list[int], max_tokens: int, stop_ids: Iterable[int] = (),
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 num_speculative_tokens: int = 0) -> Iterator[int]:
+    """Yield generated token ids after `prompt` until a stop id (not yielded) or `max_tokens`."""
     if max_tokens <= 0:
         return
     stop = set(stop_ids)
-    cache = HybridCache(model.config, 1, len(prompt) + max_tokens, dtype=model.dtype, device=model.device)
-    ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
-    logits = model(ids, cache)[:, -1]
-    for _ in range(max_tokens):
-        nxt = int(logits.argmax(-1))
-        if nxt in stop:
-            return
-        yield nxt
-        logits = model(torch.tensor([[nxt]], device=model.device), cache)[:, -1]
+    engine = LLMEngine(model, None, max_num_seqs=1, max_model_len=max(len(prompt) + max_tokens,
+                                                                      model.config.max_position_embeddings),
+                       num_speculative_tokens=num_speculative_tokens, enable_prefix_caching=False)
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
+                            stop_token_ids=sorted(stop), ignore_eos=True)
+    engine.add_request("generate", list(prompt), params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            c = out.outputs[0]
+            for t in c.delta_token_ids:
+                if t in stop:
+                    return
+                yield t
+
+
+def greedy_ids(model, prompt: list[int], max_tokens: int, stop_ids: Iterable[int] = ()) -> Iterator[int]:
+    yield from generate_ids(model, prompt, max_tokens, stop_ids)
 
 
 def greedy_generate(model, prompt: list[int], max_tokens: int, stop_ids: Iterable[int] = (),
-                    decode: Callable[[list[int]], str] | None = None) -> Iterator[str]:
-    """Yield decoded text pieces as they become complete characters (holds back partial UTF-8)."""
+                    decode: Callable[[list[int]], str] | None = None, **sampling) -> Iterator[str]:
+    """Yield decoded text pieces as they become complete characters (holds back partial UTF-8).
+    `sampling`: temperature, top_p, seed, num_speculative_tokens (see `generate_ids`)."""
     out, shown = [], ""
-    for t in greedy_ids(model, prompt, max_tokens, stop_ids):
+    for t in generate_ids(model, prompt, max_tokens, stop_ids, **sampling):
         out.append(t)
         text = decode(out)
         if text.endswith("\ufffd"):

@@ -9,9 +9,18 @@ with their 2 KV heads grow.
 A forward call processes `T` new tokens for each of `B` rows; row `b` continues slot `slots[b]` from
 `lengths[slots[b]]`, so rows may sit at different positions (continuous batching). The model reads and
 writes the slots in place and advances `lengths` at the end of the call. Rolling back (speculative
-decoding) is setting `lengths` for attention and restoring Mamba states from snapshots (see the engine).
+decoding) is setting `lengths` for attention (K/V past a row's length is masked, then overwritten) and,
+for Mamba, keeping the state recorded after the last accepted position: a forward with
+`record_states=True` leaves every position's conv window and SSM state in `recorded`, and
+`keep_recorded(slots, index)` installs the chosen one per row.
+
+A slot's whole state at some length (Mamba states + K/V up to that length, the MTP block's K/V up to
+its own length) can be copied out (`snapshot`), put back into any slot (`restore`) or copied between
+slots (`copy_slot`): the engine's prefix cache and slot compaction are built on these.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +44,8 @@ class HybridCache:
         self.mtp_lengths = torch.zeros(num_slots, dtype=torch.long)
         self.conv: dict[int, torch.Tensor] = {}
         self.ssm: dict[int, torch.Tensor] = {}
+        # per-position (conv [B, T, C, K-1], ssm [B, T, H, P, N]) of the last `record_states` forward
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         for i, kind in self._layers():
@@ -57,7 +68,10 @@ class HybridCache:
                 yield n + j, kind
 
     # ---- per-call view ----
-    def rows(self, slots: torch.Tensor | None, batch: int, mtp: bool = False) -> "CacheRows":
+    def is_mtp_layer(self, layer: int) -> bool:
+        return layer >= self.config.num_hidden_layers
+
+    def rows(self, slots: torch.Tensor | None, batch: int, mtp: bool = False, record: bool = False) -> "CacheRows":
         if slots is None:
             if batch > self.num_slots:
                 raise ValueError(f"batch of {batch} rows but the cache has {self.num_slots} slots")
@@ -65,7 +79,9 @@ class HybridCache:
         slots = torch.as_tensor(slots, dtype=torch.long).cpu()
         if slots.numel() != batch:
             raise ValueError(f"{slots.numel()} slots given for a batch of {batch} rows")
-        return CacheRows(self, slots, self.mtp_lengths if mtp else self.lengths)
+        if record:
+            self.recorded = {}
+        return CacheRows(self, slots, self.mtp_lengths if mtp else self.lengths, record)
 
     def reset(self, slots=None) -> None:
         """Forget the sequences in `slots` (all if None) so the slots can be reused."""
@@ -74,6 +90,65 @@ class HybridCache:
         self.mtp_lengths[idx] = 0
         for t in (*self.conv.values(), *self.ssm.values()):
             t[idx] = 0
+
+    def keep_recorded(self, slots, index) -> None:
+        """After a `record_states` forward over `slots`: give row b's slot the Mamba state recorded after
+        its token `index[b]` (speculative decoding: the last accepted position). Lengths are the caller's."""
+        slots = torch.as_tensor(slots, dtype=torch.long)
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = torch.arange(len(slots))
+        dev_slots = slots.to(self.device)
+        for layer, (conv, ssm) in self.recorded.items():
+            self.conv[layer][dev_slots] = conv[rows, index].to(self.conv[layer].dtype)
+            self.ssm[layer][dev_slots] = ssm[rows, index].to(self.ssm[layer].dtype)
+        self.recorded = {}
+
+    # ---- whole-slot state: snapshot / restore / copy ----
+    def snapshot(self, slot: int, length: int | None = None, mtp_length: int | None = None) -> "SlotState":
+        """Copy of one slot's state: Mamba states as they are now, K/V of positions < `length` (default:
+        the slot's length) and MTP K/V of positions < `mtp_length`."""
+        n = int(self.lengths[slot]) if length is None else length
+        m = int(self.mtp_lengths[slot]) if mtp_length is None else mtp_length
+        st = SlotState(n, m)
+        for i in self.conv:
+            st.conv[i] = self.conv[i][slot].clone()
+            st.ssm[i] = self.ssm[i][slot].clone()
+        for i in self.k:
+            upto = m if self.is_mtp_layer(i) else n
+            st.k[i] = self.k[i][slot, :, :upto].clone()
+            st.v[i] = self.v[i][slot, :, :upto].clone()
+        return st
+
+    def restore(self, slot: int, st: "SlotState") -> None:
+        """Load a snapshot into `slot` (any slot of a cache with the same config) and set its lengths."""
+        self.ensure_capacity(max(st.length, st.mtp_length))
+        for i in self.conv:
+            self.conv[i][slot] = st.conv[i]
+            self.ssm[i][slot] = st.ssm[i]
+        for i in self.k:
+            n = st.k[i].shape[1]
+            self.k[i][slot, :, :n] = st.k[i]
+            self.v[i][slot, :, :n] = st.v[i]
+        self.lengths[slot] = st.length
+        self.mtp_lengths[slot] = st.mtp_length
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Make `dst` an exact copy of `src` (state, K/V up to its lengths, lengths)."""
+        n, m = int(self.lengths[src]), int(self.mtp_lengths[src])
+        for i in self.conv:
+            self.conv[i][dst] = self.conv[i][src]
+            self.ssm[i][dst] = self.ssm[i][src]
+        for i in self.k:
+            upto = m if self.is_mtp_layer(i) else n
+            self.k[i][dst, :, :upto] = self.k[i][src, :, :upto]
+            self.v[i][dst, :, :upto] = self.v[i][src, :, :upto]
+        self.lengths[dst], self.mtp_lengths[dst] = n, m
+
+    def slot_nbytes(self, length: int) -> dict:
+        """Bytes one sequence of `length` tokens needs: Mamba state (constant) + K/V (linear in length)."""
+        mamba = sum(t[0].numel() * t.element_size() for t in (*self.conv.values(), *self.ssm.values()))
+        kv = sum(t.shape[1] * t.shape[3] * t.element_size() * length for t in (*self.k.values(), *self.v.values()))
+        return {"mamba": mamba, "kv": kv, "total": mamba + kv}
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the K/V buffers (doubling) so every slot can hold `needed` positions."""
@@ -91,26 +166,49 @@ class HybridCache:
         return {"mamba": mamba, "kv": kv, "total": mamba + kv}
 
 
-class CacheRows:
-    """The slots one forward call touches; each layer gathers its rows and scatters them back."""
+@dataclass
+class SlotState:
+    """One sequence's cached state at `length` tokens (see `HybridCache.snapshot`)."""
+    length: int
+    mtp_length: int
+    conv: dict = field(default_factory=dict)
+    ssm: dict = field(default_factory=dict)
+    k: dict = field(default_factory=dict)
+    v: dict = field(default_factory=dict)
 
-    def __init__(self, cache: HybridCache, slots: torch.Tensor, lengths: torch.Tensor):
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.conv, self.ssm, self.k, self.v) for t in d.values())
+
+
+class CacheRows:
+    """The slots one forward call touches; each layer gathers its rows and scatters them back. Slots that
+    form an ascending run (`a, a+1, ...`) are read and written through views, without gathers."""
+
+    def __init__(self, cache: HybridCache, slots: torch.Tensor, lengths: torch.Tensor, record: bool = False):
         self.cache = cache
         self.slots = slots
         self.lengths = lengths
+        self.record = record
         self.start = lengths[slots]                          # [B] position of the first new token
         n = len(slots)
-        self._contig = bool(n and slots[0] == 0 and torch.equal(slots, torch.arange(n)))
-        self._idx = slice(0, n) if self._contig else slots.to(cache.device)
+        first = int(slots[0]) if n else 0
+        self._contig = bool(n and torch.equal(slots, torch.arange(first, first + n)))
+        self._idx = slice(first, first + n) if self._contig else slots.to(cache.device)
 
     def get_mamba(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache
         return c.conv[layer][self._idx], c.ssm[layer][self._idx]
 
     def set_mamba(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        """Store the new state; in record mode the states are per position and the last one is stored."""
         c = self.cache
-        c.conv[layer][self._idx] = conv.to(c.conv[layer].dtype)
-        c.ssm[layer][self._idx] = ssm.to(c.ssm[layer].dtype)
+        if self.record:
+            c.recorded[layer] = (conv, ssm)
+            conv, ssm = conv[:, -1], ssm[:, -1]
+        for store, new in ((c.conv[layer], conv), (c.ssm[layer], ssm)):
+            dest = store[self._idx]
+            if not (self._contig and new.data_ptr() == dest.data_ptr() and new.stride() == dest.stride()):
+                store[self._idx] = new.to(store.dtype)          # (updated in place already: nothing to copy)
 
     def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, n_kv, T, hd] at each row's position; return all keys/values of the rows
@@ -131,8 +229,8 @@ class CacheRows:
             kb[rows, :, pos] = k.transpose(1, 2).to(kb.dtype)                    # indexed view is [B, T, n_kv, hd]
             vb[rows, :, pos] = v.transpose(1, 2).to(vb.dtype)
         keys, values = kb[self._idx, :, :end], vb[self._idx, :, :end]
-        if uniform and int(self.start[0]) == 0:
-            return keys, values, None                           # plain causal prefill
+        if uniform and (int(self.start[0]) == 0 or T == 1):
+            return keys, values, None          # plain causal prefill, or one query that sees every key
         q_pos = (self.start[:, None] + torch.arange(T))[:, None, :, None]          # [B,1,T,1]
         mask = torch.arange(end)[None, None, None, :] <= q_pos
         return keys, values, mask.to(c.device)

@@ -52,7 +52,7 @@ class Block(nn.Module):
         x = self.norm(h.to(self.norm.weight.dtype))
         if self.kind == "M":
             state = None if rows is None else rows.get_mamba(self.layer_id)
-            out, state = self.mixer(x, state, pad_mask)
+            out, state = self.mixer(x, state, pad_mask, record=rows is not None and rows.record)
             if rows is not None:
                 rows.set_mamba(self.layer_id, *state)
         elif self.kind == "*":
@@ -141,8 +141,10 @@ class NemotronHForCausalLM(nn.Module):
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}")
 
     def hidden_states(self, input_ids, cache: HybridCache | None = None, slots=None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Backbone output after `norm_f` [B, T, d]; with a cache, continues and advances the given slots."""
+                      attention_mask: torch.Tensor | None = None, record_states: bool = False) -> torch.Tensor:
+        """Backbone output after `norm_f` [B, T, d]; with a cache, continues and advances the given slots.
+        `record_states` (speculative verification) also leaves every position's Mamba state in
+        `cache.recorded` for `cache.keep_recorded`."""
         self._check_ids(input_ids)
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask (padding) is only supported without a cache; "
@@ -150,7 +152,9 @@ class NemotronHForCausalLM(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        rows = None if cache is None else cache.rows(slots, input_ids.shape[0])
+        if record_states and cache is None:
+            raise ValueError("record_states needs a cache")
+        rows = None if cache is None else cache.rows(slots, input_ids.shape[0], record=record_states)
         h = self.backbone(input_ids, rows, attention_mask)
         if rows is not None:
             rows.advance(input_ids.shape[1])
@@ -167,13 +171,19 @@ class NemotronHForCausalLM(nn.Module):
     def mtp_step(self, hidden, next_ids, depth: int = 1, cache: HybridCache | None = None, slots=None):
         """One MTP depth: hidden [B, T, d] at positions t and next_ids [B, T] (tokens t+depth) ->
         (logits for tokens t+depth+1 [B, T, V] fp32, MTP hidden [B, T, d] for the next depth)."""
+        h = self.mtp_hidden_states(hidden, next_ids, depth, cache, slots)
+        return self.logits(h), h
+
+    def mtp_hidden_states(self, hidden, next_ids, depth: int = 1, cache: HybridCache | None = None, slots=None):
+        """`mtp_step` without the logits (the engine drafts from one position per row, so it applies
+        `logits` to the rows it needs: lm_head over every row would cost as much as the backbone)."""
         if self.mtp is None:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
         rows = None if cache is None else cache.rows(slots, next_ids.shape[0], mtp=True)
         h = self.mtp(hidden, self.backbone.embeddings(next_ids), depth, rows)
         if rows is not None:
             rows.advance(next_ids.shape[1])
-        return self.logits(h), h
+        return h
 
     def forward_mtp(self, input_ids, depths: int, attention_mask=None):
         """Training forward: main logits [B, T, V] and, for k = 1..depths, MTP logits [B, T-k, V] where

@@ -1,0 +1,107 @@
+"""`nemotron3 chat`: an interactive terminal chat over the engine (no server).
+
+Reasoning is printed dimmed as it streams, then the answer; tool calls (if the model emits any) are shown
+as `[tool call] name {arguments}`. Commands: `/exit` (or Ctrl-D), `/reset` (forget the conversation),
+`/think on|off`, `/help`. Ctrl-C stops the reply being generated. History keeps the answers (the chat
+template drops the reasoning of earlier turns anyway).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+from .parsers import StreamParser
+
+DIM, RESET = "\033[2m", "\033[0m"
+HELP = "commands: /exit, /reset, /think on|off, /help"
+
+
+def run_chat(engine, *, system: str | None = None, thinking: bool = True, thinking_budget: int | None = None,
+             temperature: float = 0.6, top_p: float = 0.95, max_tokens: int = 1024,
+             input_fn: Callable[[str], str] = input, out: TextIO | None = None, color: bool | None = None) -> None:
+    """Chat loop over an `LLMEngine` (sync). `input_fn` / `out` make it scriptable."""
+    from ..engine import SamplingParams
+    from ..engine.engine import _encode
+    out = out or sys.stdout
+    color = out.isatty() if color is None else color
+    dim, reset = (DIM, RESET) if color else ("", "")
+    tok = engine.tokenizer
+    if tok is None:
+        raise ValueError("chat needs a model directory with a tokenizer")
+    history: list[dict] = []
+    turn = 0
+    out.write(f"nemotron3 chat ({HELP}); thinking {'on' if thinking else 'off'}\n")
+    while True:
+        try:
+            line = input_fn("> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd in ("/exit", "/quit"):
+                return
+            if cmd == "/reset":
+                history.clear()
+                out.write("(conversation cleared)\n")
+            elif cmd == "/think" and arg.strip() in ("on", "off"):
+                thinking = arg.strip() == "on"
+                out.write(f"(thinking {arg.strip()})\n")
+            else:
+                out.write(HELP + "\n")
+            continue
+        history.append({"role": "user", "content": text})
+        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, enable_thinking=thinking)
+        ids = _encode(tok, prompt)
+        room = engine.max_model_len - len(ids)
+        if room < 1:
+            history.pop()
+            out.write("error: the conversation no longer fits the context; /reset to start over\n")
+            continue
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=min(max_tokens, room),
+                                skip_special_tokens=False, reasoning_mode="regular" if thinking else "off",
+                                thinking_budget=thinking_budget if thinking else None)
+        rid = f"chat-{turn}"
+        turn += 1
+        parser = StreamParser(prompt.rfind("<think>") > prompt.rfind("</think>"))
+        answer, in_reasoning = [], False
+        engine.add_request(rid, {"prompt_token_ids": ids}, params)
+        try:
+            done = False
+            while not done:
+                for o in engine.step():
+                    if o.request_id != rid:
+                        continue
+                    c = o.outputs[0]
+                    d = parser.feed(c.delta_text)
+                    if c.finished:
+                        d += parser.finish()
+                        done = True
+                    if d.reasoning:
+                        if not in_reasoning:
+                            out.write(dim)
+                            in_reasoning = True
+                        out.write(d.reasoning)
+                    if (d.content or d.tool_calls) and in_reasoning:
+                        out.write(reset + "\n")
+                        in_reasoning = False
+                    if d.content:
+                        out.write(d.content if answer else d.content.lstrip())
+                        answer.append(d.content)
+                    for call in d.tool_calls:
+                        out.write(f"\n[tool call] {call.name} {call.arguments_json}\n")
+                    out.flush()
+                    if done and c.finish_reason == "length":
+                        out.write(f"{reset}\n(stopped: max tokens)")
+        except KeyboardInterrupt:
+            engine.abort_request(rid)
+            engine.requests.pop(rid, None)
+            out.write(f"{reset}\n(interrupted)")
+        if in_reasoning:
+            out.write(reset)
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer).strip()})

@@ -1,0 +1,233 @@
+"""Sampling parameters (validated, vLLM names) and the batched sampler.
+
+Design decisions:
+
+* **One `torch.Generator` per sequence**, seeded from `SamplingParams.seed` (child `i` of an `n > 1`
+  request uses `seed + i`), or from the engine's seed stream when unseeded. Every random number a
+  sequence consumes comes from its own generator, so its output does not depend on what else is in the
+  batch (up to fp32 rounding of batched matmuls, which moves a logit by ~1e-7).
+* **Inverse-CDF sampling** with one uniform per token: `token = searchsorted(cumsum(p), u)`. It consumes a
+  fixed amount of randomness per token (unlike Gumbel or exponential races, which draw a vocabulary's
+  worth) and a tiny change in `p` only changes the token when `u` falls within that change of a CDF step.
+* Processing order (vLLM's): forced/banned tokens (reasoning budget, `min_tokens`), temperature, top-k,
+  top-p, min-p, softmax. Temperature 0 is greedy (argmax of the constrained logits).
+* **Logprobs are the raw model's** (`log_softmax` of the unprocessed logits, vLLM's default
+  `raw_logprobs`), for the sampled token and the top-n, with the sampled token's rank.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+_EPS = 1e-5          # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings. Invalid values raise `ValueError` with the field named."""
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16         # None: up to the model's context length
+    min_tokens: int = 0
+    stop: str | int | Sequence[str | int] | None = None   # strings and/or token ids
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None         # None: off; k >= 0: the sampled token's logprob + top-k
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    reasoning_mode: str = "regular"     # 'off' | 'regular' | 'medium' (see reasoning.py)
+    thinking_budget: int | None = None  # max tokens inside <think> before </think> is forced
+    answer_prefix_ids: Sequence[int] | None = None  # forced at the start of the answer (see engine._constraint)
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            bad("n", "must be an integer >= 1")
+        for name in ("temperature", "top_p", "min_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            bad("top_k", "must be an integer >= 1, or 0 / -1 to disable")
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            bad("seed", "must be an integer or None")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                                            or self.max_tokens < 1):
+            bad("max_tokens", "must be an integer >= 1 or None")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or self.logprobs < 0):
+            bad("logprobs", "must be an integer >= 0 or None")
+        if self.reasoning_mode not in ("off", "regular", "medium"):
+            bad("reasoning_mode", "must be 'off', 'regular' or 'medium'")
+        if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int)
+                                                 or isinstance(self.thinking_budget, bool) or self.thinking_budget < 0):
+            bad("thinking_budget", "must be an integer >= 0 or None")
+        if self.answer_prefix_ids is not None:
+            self.answer_prefix_ids = list(self.answer_prefix_ids)
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.answer_prefix_ids):
+                bad("answer_prefix_ids", "must be a list of token ids >= 0")
+        # split `stop` into strings and token ids
+        stop = self.stop
+        stop = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+        ids = list(self.stop_token_ids or [])
+        strs = []
+        for s in stop:
+            if isinstance(s, bool) or not isinstance(s, (str, int)):
+                raise ValueError(f"SamplingParams.stop entries must be strings or token ids, got {s!r}")
+            if isinstance(s, int):
+                ids.append(s)
+            elif s == "":
+                raise ValueError("SamplingParams.stop contains an empty string")
+            else:
+                strs.append(s)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"SamplingParams.stop_token_ids entries must be token ids >= 0, got {i!r}")
+        self.stop = strs
+        self.stop_token_ids = ids
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int                        # 1 = most likely token
+    decoded_token: str | None = None
+
+
+@dataclass
+class RowConstraint:
+    """Per-row token constraints applied before temperature: one forced token, or banned tokens."""
+    forced: int | None = None
+    banned: tuple[int, ...] = ()
+
+
+def constrain(logits: torch.Tensor, rows: Sequence[RowConstraint | None]) -> torch.Tensor:
+    """Apply forced/banned tokens to logits [N, V] (a copy is made only if some row is constrained)."""
+    if not any(r is not None and (r.forced is not None or r.banned) for r in rows):
+        return logits
+    logits = logits.clone()
+    for i, r in enumerate(rows):
+        if r is None:
+            continue
+        if r.forced is not None:
+            keep = logits[i, r.forced].clone()
+            logits[i] = -math.inf
+            logits[i, r.forced] = keep if math.isfinite(keep) else 0.0
+        elif r.banned:
+            logits[i, list(r.banned)] = -math.inf
+    return logits
+
+
+def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Sampling distribution [N, V] (fp32) from constrained logits [N, V]: temperature, top-k, top-p,
+    min-p (rows whose params are greedy get a one-hot argmax)."""
+    N, V = logits.shape
+    temps = torch.tensor([max(p.temperature, _EPS) for p in params], dtype=torch.float32)
+    x = logits.float() / temps[:, None]
+    top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    if any(top_k) or any(tp < 1 for tp in top_p):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        mask = torch.zeros_like(sorted_x, dtype=torch.bool)
+        if any(top_k):
+            k = torch.tensor([kk if kk else V for kk in top_k])
+            mask |= torch.arange(V)[None, :] >= k[:, None]
+            sorted_x = sorted_x.masked_fill(mask, -math.inf)
+        if any(tp < 1 for tp in top_p):
+            p_sorted = sorted_x.softmax(-1)
+            before = p_sorted.cumsum(-1) - p_sorted                  # mass strictly before each token
+            mask |= before > torch.tensor(top_p)[:, None]            # the first token is always kept
+        x = x.scatter(-1, order, sorted_x.masked_fill(mask, -math.inf))
+    probs = x.softmax(-1)
+    min_p = [p.min_p for p in params]
+    if any(min_p):
+        thresh = torch.tensor(min_p)[:, None] * probs.max(-1, keepdim=True).values
+        probs = probs.masked_fill(probs < thresh, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        g = torch.tensor(greedy)
+        probs[g] = torch.nn.functional.one_hot(logits[g].argmax(-1), V).float()
+    return probs
+
+
+def uniforms(gens: Sequence[torch.Generator], n: int = 1) -> torch.Tensor:
+    """[len(gens), n] float64 uniforms in [0, 1), row i drawn from generator i."""
+    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens]) if gens else \
+        torch.zeros(0, n, dtype=torch.float64)
+
+
+def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row: probs [N, V] (unnormalised is fine), u [N] in [0, 1) -> tokens [N]."""
+    cdf = probs.double().cumsum(-1)
+    x = (u.double() * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, x, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
+    bad = probs.gather(-1, idx[:, None])[:, 0] <= 0          # only at the top edge through float rounding
+    if bool(bad.any()):
+        last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+        idx = torch.where(bad, last, idx)
+    return idx
+
+
+def choose(logits: torch.Tensor, params: Sequence[SamplingParams], gens: Sequence[torch.Generator],
+           rows: Sequence[RowConstraint | None]) -> tuple[list[int], torch.Tensor | None]:
+    """One token per row of logits [N, V]: argmax for greedy rows, a seeded draw (one uniform from the
+    row's generator) otherwise. Returns the tokens and the sampling distributions (None if all greedy;
+    greedy rows get one-hot rows)."""
+    logits = constrain(logits, rows)
+    out = logits.argmax(-1)
+    if all(p.greedy for p in params):
+        return out.tolist(), None
+    probs = probabilities(logits, params)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    u = uniforms([gens[i] for i in sampled])[:, 0]
+    out[sampled] = sample_rows(probs[sampled], u)
+    return out.tolist(), probs
+
+
+def logprobs_for(logits: torch.Tensor, tokens: Sequence[int], top_n: Sequence[int | None],
+                 decode=None) -> list[dict[int, Logprob] | None]:
+    """Raw-model logprobs for rows of logits [N, V]: the chosen token (with its rank) and the top-n."""
+    out: list[dict[int, Logprob] | None] = [None] * len(tokens)
+    want = [i for i, n in enumerate(top_n) if n is not None]
+    if not want:
+        return out
+    lp = torch.log_softmax(logits[want].float(), -1)
+    for j, i in enumerate(want):
+        row, tok = lp[j], tokens[i]
+        chosen = float(row[tok])
+        rank = int((row > row[tok]).sum()) + 1
+        d: dict[int, Logprob] = {}
+        if top_n[i]:
+            vals, ids = row.topk(min(top_n[i], row.shape[0]))
+            for r, (v, t) in enumerate(zip(vals.tolist(), ids.tolist())):
+                d[t] = Logprob(v, r + 1, decode([t]) if decode else None)
+        d[tok] = Logprob(chosen, rank, decode([tok]) if decode else None)
+        out[i] = d
+    return out
+

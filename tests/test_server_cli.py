@@ -1,0 +1,77 @@
+"""`nemotron3 serve` as a real process (flags, API key, the openai client against it) and the terminal chat
+loop of `nemotron3 chat` (scripted input)."""
+import io
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from engine_utils import one_thread  # noqa: F401
+from server_utils import ScriptedEngine, free_port
+from nemotron3.chat.terminal import DIM, run_chat
+from nemotron3.checkpoint import load
+from nemotron3.train.tokenizer import load_tokenizer
+
+
+def test_serve_command(server_model_dir):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nemotron3.cli", "serve", str(server_model_dir), "--port", str(port),
+                             "--served-model-name", "tiny", "--api-key", "k", "--max-model-len", "600",
+                             "--max-num-seqs", "2", "--num-speculative-tokens", "1", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        [m] = client.models.list().data
+        assert m.id == "tiny" and m.model_extra["max_model_len"] == 600
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                           extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 6
+        assert httpx.get(url + "/v1/models").status_code == 401
+        metrics = httpx.get(url + "/metrics").text
+        assert "nemotron3_spec_decode_num_draft_tokens_total" in metrics
+        assert 'nemotron3_spec_decode_num_draft_tokens_total{model_name="tiny"} 0\n' not in metrics  # MTP drafted
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_serve_bad_model_dir(tmp_path):
+    from nemotron3.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tmp_path / "missing"), "--port", str(free_port())])
+    assert str(e.value.code).startswith("error:")
+
+
+def test_terminal_chat(server_model_dir):
+    tok = load_tokenizer(server_model_dir)
+    engine = ScriptedEngine(load(server_model_dir), tok, {"SCRIPT_HELLO": "Let me think.\n</think>\nHello there!",
+                                                          "SCRIPT_PLAIN": "Plain answer."},
+                            max_num_seqs=2, max_model_len=512)
+    lines = iter(["hi SCRIPT_HELLO", "/think off", "and now SCRIPT_PLAIN", "/reset", "/bogus", "/exit", "never read"])
+    prompts = []
+
+    def fake_input(prompt):
+        prompts.append(prompt)
+        return next(lines)
+
+    out = io.StringIO()
+    run_chat(engine, input_fn=fake_input, out=out, color=True, max_tokens=40)
+    text = out.getvalue()
+    assert f"{DIM}Let me think." in text and "Hello there!" in text
+    assert "(thinking off)" in text and "Plain answer." in text and "(conversation cleared)" in text
+    assert "commands:" in text and len(prompts) == 6
+    assert not engine.has_unfinished_requests()
