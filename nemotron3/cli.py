@@ -97,6 +97,25 @@ def _engine_args(s) -> None:
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
+def cmd_eval(args) -> None:
+    """Held-out LM quality on the offline corpus's validation split (built on first use)."""
+    import torch
+    from .checkpoint import load
+    from .eval.lm import evaluate_lm
+    from .train.corpus import build_corpus
+    from .train.data import PackedDataset
+    from .train.tokenizer import load_tokenizer
+    corpus = Path(args.corpus)
+    if not (corpus / "val.jsonl").exists():
+        build_corpus(corpus, sources=args.sources)
+    torch.manual_seed(0)
+    model = load(args.model, dtype=args.dtype)
+    tok = load_tokenizer(args.model)
+    ds = PackedDataset.from_corpus(corpus, tok, args.seq_len, "val", shuffle=False)
+    out = evaluate_lm(model, ds, args.batch_size, args.max_batches, args.mtp_depths)
+    print(json.dumps(out, indent=2))
+
+
 def cmd_train(args, rest) -> None:
     from .train.pretrain import main as train_main
     train_main([args.recipe, *rest])
@@ -146,6 +165,19 @@ def main(argv=None) -> None:
     s.add_argument("--top-p", type=float, default=0.95)
     s.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply (reasoning included)")
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("eval", help="held-out loss, perplexity and MTP per-depth accuracy")
+    s.add_argument("task", choices=["lm"])
+    s.add_argument("model", nargs="?", default=default_model())
+    s.add_argument("--corpus", default=str(Path.home() / ".cache" / "nemotron3" / "corpus"),
+                   help="corpus directory (built from the stdlib and local docs if missing)")
+    s.add_argument("--sources", nargs="+", default=["stdlib", "docs"])
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-batches", type=int, default=None)
+    s.add_argument("--mtp-depths", type=int, default=3)
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("train", help="pretrain from a recipe (see recipes/); extra flags go to the trainer")
     s.add_argument("recipe")
