@@ -60,7 +60,7 @@ def test_accept_greedy_constructed():
 
 
 def test_accept_sampled_constructed():
-    V, k = 4, 2
+    k = 2
     p = torch.tensor([[0.5, 0.5, 0.0, 0.0]] * (k + 1))[None]
     drafts = torch.tensor([[0, 1]])
     u = torch.tensor([[0.999, 0.999, 0.3]], dtype=torch.float64)

@@ -24,9 +24,9 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Sequence as Seq
+from typing import AsyncIterator, Sequence as Seq
 
 import torch
 
@@ -779,13 +779,11 @@ class AsyncLLMEngine:
                     self._wake.set()
 
     async def abort(self, request_id: str) -> None:
+        """Stop a request at the next step; its stream ends with a finish_reason 'abort' output."""
         with self._lock:
             self._pending.append(("abort", request_id))
-        q = self._queues.get(request_id)
         if self._wake is not None:
             self._wake.set()
-        if q is not None:
-            pass                                  # the consumer gets the final 'abort' output
 
     def _step(self) -> list:
         """Runs in the worker thread: apply queued adds/aborts, then one engine step."""

@@ -26,11 +26,9 @@ One round for a sequence whose backbone has consumed positions < t and whose nex
 """
 from __future__ import annotations
 
-from typing import Sequence as Seq
-
 import torch
 
-from .sampling import RowConstraint, choose, sample_rows
+from .sampling import choose, sample_rows
 
 
 def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
