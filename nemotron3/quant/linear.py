@@ -1,0 +1,126 @@
+"""Weight-only quantized linear layers (W4A16 NVFP4 and W8A16 FP8 per-tensor) for inference.
+
+Weights stay quantized in memory under Model-Optimizer checkpoint names:
+
+* :class:`NVFP4Linear`: ``weight`` uint8 [N, K/2] (packed E2M1, element 0 in the low nibble), ``weight_scale``
+  float8_e4m3fn [N, K/16], ``weight_scale_2`` fp32 scalar -> 4.5 bits per weight element (+ 32 bits per tensor).
+* :class:`FP8Linear`: ``weight`` float8_e4m3fn [N, K], ``weight_scale`` fp32 scalar (amax/448).
+
+``forward`` dequantizes ``chunk_rows`` output rows at a time straight into the activation dtype and multiplies,
+so the temporary high-precision weight is at most ``chunk_rows x K`` elements (plus one fp32 chunk while
+decoding). The result equals ``F.linear(x, dequantized_weight.to(x.dtype), bias)`` up to matmul blocking.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import nvfp4
+
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def _quant_bits_per_element(module: nn.Module, numel: int) -> float:
+    names = ("weight", "weight_scale", "weight_scale_2")
+    nbytes = sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names if hasattr(module, n))
+    return 8.0 * nbytes / numel
+
+
+class _QuantLinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 chunk_rows: int, device=None):
+        super().__init__()
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
+        self.in_features, self.out_features, self.chunk_rows = in_features, out_features, chunk_rows
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._dequant_rows(0, self.out_features, dtype)
+
+    def bits_per_element(self) -> float:
+        """Bytes held by the quantized weight tensors (weight + scales), in bits per weight element."""
+        return _quant_bits_per_element(self, self.out_features * self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {x.shape[-1]}")
+        n, step = self.out_features, self.chunk_rows
+        if n <= step:
+            out = F.linear(x, self._dequant_rows(0, n, x.dtype))
+        else:
+            out = x.new_empty(*x.shape[:-1], n)
+            for r0 in range(0, n, step):
+                r1 = min(n, r0 + step)
+                out[..., r0:r1] = F.linear(x, self._dequant_rows(r0, r1, x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, chunk_rows={self.chunk_rows}")
+
+
+class NVFP4Linear(_QuantLinearBase):
+    """W4A16 NVFP4 linear (1x16 blocks along ``in_features``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, device=None):
+        nvfp4._check_block_dim(in_features, what="in_features")
+        super().__init__(in_features, out_features, bias, dtype, chunk_rows, device)
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, in_features // nvfp4.BLOCK,
+                                                        device=device).to(nvfp4.FP8_DTYPE))
+        self.register_buffer("weight_scale_2", torch.zeros((), dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, global_scale: torch.Tensor | float | None = None,
+                    chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "NVFP4Linear":
+        """Quantize an ``nn.Linear`` (``global_scale`` overrides ``weight_scale_2``, e.g. shared by a fused group)."""
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=w.dtype,
+                chunk_rows=chunk_rows, device=w.device)
+        packed, bs, s2 = nvfp4.quantize(w, global_scale)
+        m.weight.copy_(packed)
+        m.weight_scale.copy_(bs)
+        m.weight_scale_2.copy_(s2)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        return m
+
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return nvfp4.dequantize(self.weight[r0:r1], self.weight_scale[r0:r1], self.weight_scale_2, dtype=dtype)
+
+
+class FP8Linear(_QuantLinearBase):
+    """W8A16 FP8 E4M3 per-tensor linear (``weight_scale = amax/448``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, device=None):
+        super().__init__(in_features, out_features, bias, dtype, chunk_rows, device)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, device=device).to(nvfp4.FP8_DTYPE))
+        self.register_buffer("weight_scale", torch.zeros((), dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scale: torch.Tensor | float | None = None,
+                    chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "FP8Linear":
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=w.dtype,
+                chunk_rows=chunk_rows, device=w.device)
+        w8, s = nvfp4.quantize_fp8(w, scale)
+        m.weight.copy_(w8)
+        m.weight_scale.copy_(s)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        return m
+
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return nvfp4.dequantize_fp8(self.weight[r0:r1], self.weight_scale, dtype=dtype)
