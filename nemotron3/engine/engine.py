@@ -31,7 +31,7 @@ from typing import AsyncIterator, Sequence as Seq
 import torch
 
 from ..model import HybridCache, NemotronHForCausalLM
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecAcceptance
 from .prefix_cache import PrefixCache
 from .reasoning import MEDIUM_THINKING_BUDGET, ReasoningTokens, ThinkingBudget, effective_budget
 from .sampling import RowConstraint, SamplingParams, choose, constrain, logprobs_for, probabilities, uniforms
@@ -42,7 +42,7 @@ _DETOK_CONTEXT = 4          # prompt tokens kept as decoding context for the fir
 
 
 @dataclass
-class EngineStats:
+class EngineStats(SpecAcceptance):
     steps: int = 0
     prefill_tokens: int = 0          # prompt tokens run through the backbone (cached ones excluded)
     cached_tokens: int = 0           # prompt tokens restored from the prefix cache
@@ -51,14 +51,6 @@ class EngineStats:
     spec_verify_steps: int = 0       # (sequence, round) pairs
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
-
-    @property
-    def spec_acceptance_rate(self) -> float | None:
-        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
-
-    @property
-    def spec_mean_accepted_length(self) -> float | None:
-        return 1 + self.spec_accepted_tokens / self.spec_verify_steps if self.spec_verify_steps else None
 
 
 @dataclass

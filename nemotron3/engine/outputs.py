@@ -28,8 +28,22 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+class SpecAcceptance:
+    """Speculative-decoding ratios from the `spec_verify_steps` / `spec_draft_tokens` / `spec_accepted_tokens`
+    counters of the class it is mixed into (per request or engine-wide)."""
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verify forward (accepted drafts + the target's own token), vLLM's definition."""
+        return 1 + self.spec_accepted_tokens / self.spec_verify_steps if self.spec_verify_steps else None
+
+
 @dataclass
-class RequestMetrics:
+class RequestMetrics(SpecAcceptance):
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -45,14 +59,6 @@ class RequestMetrics:
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
-    @property
-    def spec_acceptance_rate(self) -> float | None:
-        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
-
-    @property
-    def spec_mean_accepted_length(self) -> float | None:
-        """Tokens emitted per verify forward (accepted drafts + the target's own token), vLLM's definition."""
-        return 1 + self.spec_accepted_tokens / self.spec_verify_steps if self.spec_verify_steps else None
 
 
 @dataclass
