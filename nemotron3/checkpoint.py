@@ -12,6 +12,11 @@ safetensors and JSON are read: pickle-based files are refused, never opened.
 Writing produces the on-disk layout NVIDIA ships and transformers / vLLM read: `backbone.*` names,
 per-expert tensors, `mtp.*`, sharded with an index above `max_shard_bytes`, files written to a
 temporary name and renamed.
+
+Quantized checkpoints (NVIDIA Model Optimizer layout: `hf_quant_config.json` and/or a modelopt
+`quantization_config`; `quant/modelopt.py`) load into a model whose linears / routed experts are swapped for
+`quant` modules wherever the stored weight is packed NVFP4 (uint8) or FP8; their codes and scales keep their
+dtypes (scales upcast to fp32). Saving a model that holds quantized modules writes that layout.
 """
 from __future__ import annotations
 
@@ -29,7 +34,11 @@ from safetensors.torch import save_file
 from .config import ConfigError, NemotronConfig
 from .model import NemotronHForCausalLM
 
-_EXPERT = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+# per-expert tensors on disk; ModelOpt's NVFP4 experts add weight_scale / weight_scale_2 / input_scale, held fused
+# in memory as `experts.up_proj_weight_scale` etc. (see quant/quantize.py NVFP4Experts)
+_QSUFFIX = "weight_scale_2|weight_scale|input_scale"
+_EXPERT = re.compile(rf"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|{_QSUFFIX})$")
+_FUSED_EXPERT = re.compile(rf"^(.*\.mixer\.experts)\.(up_proj|down_proj)(?:_({_QSUFFIX}))?$")
 _FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,6 +113,13 @@ class TensorSource:
         i, raw = self.where[name]
         return self.handles[i].get_tensor(raw)
 
+    def dtype(self, name: str) -> str | None:
+        """The stored safetensors dtype string ("BF16", "U8", "F8_E4M3", ...), None if absent."""
+        if name not in self.where:
+            return None
+        i, raw = self.where[name]
+        return self.handles[i].get_slice(raw).get_dtype()
+
     def shape(self, name: str) -> tuple:
         i, raw = self.where[name]
         return tuple(self.handles[i].get_slice(raw).get_shape())
@@ -118,9 +134,13 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         mod._buffers[attr] = tensor
 
 
-def _check(name: str, t: torch.Tensor, expected: torch.Size) -> None:
+def _check(name: str, t: torch.Tensor, expected: torch.Size, quant_dtype: torch.dtype | None = None) -> None:
     if tuple(t.shape) != tuple(expected):
         raise CheckpointError(f"tensor {name}: expected shape {tuple(expected)}, found {tuple(t.shape)}")
+    if quant_dtype is not None:       # packed codes / FP8 weights must match exactly; scales may be any float
+        if t.dtype != quant_dtype and not (quant_dtype == torch.float32 and t.dtype in _FLOAT_DTYPES):
+            raise CheckpointError(f"tensor {name}: expected {quant_dtype} for a quantized tensor, found {t.dtype}")
+        return
     if t.dtype not in _FLOAT_DTYPES:
         raise CheckpointError(f"tensor {name}: unsupported dtype {t.dtype} (expected float32, bfloat16 or float16)")
 
@@ -133,9 +153,11 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     config = config or NemotronConfig.from_json_file(path)
-    if "quantization_config" in config.extra:
-        raise CheckpointError(f"{path} is a quantized checkpoint ({config.extra['quantization_config'].get('quant_algo')}); "
-                              "quantized formats are not supported by this loader")
+    from .quant.modelopt import IGNORED_SUFFIXES, layout_from_tensors, read_quant_config
+    try:
+        quant = read_quant_config(path, config.extra)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     dtype = parse_dtype(dtype)
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else \
@@ -148,6 +170,15 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
         config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = NemotronHForCausalLM(config)
+    qnames: dict[str, torch.dtype] = {}
+    if quant is not None:             # ModelOpt checkpoint: swap in quantized modules where weights are stored packed
+        from .quant.quantize import apply_layout, quant_state_names
+        try:
+            apply_layout(model, *layout_from_tensors(model, src.dtype))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        sd = model.state_dict()
+        qnames = {n: sd[n].dtype for n in quant_state_names(model) if n in sd}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     # tie_word_embeddings: share the embedding unless the file has its own lm_head (transformers' NemotronH
     # never ties, so its checkpoints carry lm_head.weight even when the flag is set)
@@ -160,12 +191,15 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     direct, unexpected = {}, []
     for name in src.names():
         m = _EXPERT.match(name)
-        if m and f"{m.group(1)}.{m.group(3)}" in expected:
-            experts[(m.group(1), m.group(3))][int(m.group(2))] = name
+        fused = m and f"{m.group(1)}.{m.group(3)}" + ("" if m.group(4) == "weight" else f"_{m.group(4)}")
+        if m and fused in expected:
+            experts[(m.group(1), fused[len(m.group(1)) + 1:])][int(m.group(2))] = name
         elif name in expected:
             direct[name] = name
         elif name.startswith("mtp.") and not config.has_mtp:
             continue                     # as transformers: MTP weights ignored by a model without MTP
+        elif quant is not None and name.endswith(IGNORED_SUFFIXES):
+            continue                     # FP8 KV-cache scales: our KV cache is not quantized
         else:
             unexpected.append(name)
     if unexpected:
@@ -185,16 +219,20 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
 
     for name in direct:
         t = src.get(name)
-        _check(name, t, expected[name])
+        if name in qnames and expected[name] == () and t.shape == (1,):
+            t = t.reshape(())            # some exports store scalar scales as [1]
+        _check(name, t, expected[name], qnames.get(name))
         keep_fp32 = name.endswith("e_score_correction_bias")
-        _assign(model, name, t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
+        _assign(model, name, t.to(device=device, dtype=qnames.get(name) or (torch.float32 if keep_fp32 else dtype)))
     for (prefix, proj), got in experts.items():
         fused = f"{prefix}.{proj}"
         parts = []
         for e in range(len(got)):
             t = src.get(got[e])
-            _check(got[e], t, expected[fused][1:])
-            parts.append(t.to(device=device, dtype=dtype))
+            if fused in qnames and expected[fused][1:] == () and t.shape == (1,):
+                t = t.reshape(())
+            _check(got[e], t, expected[fused][1:], qnames.get(fused))
+            parts.append(t.to(device=device, dtype=qnames.get(fused) or dtype))
         _assign(model, fused, torch.stack(parts))
         del parts
     if tied:
@@ -205,17 +243,19 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
 def checkpoint_state(model: NemotronHForCausalLM, dtype=None, fused_experts: bool = False) -> dict:
     """The tensors to write, under checkpoint names (per-expert unless `fused_experts`)."""
     dtype = parse_dtype(dtype)
+    from .quant.quantize import quant_state_names
+    qnames = quant_state_names(model)          # packed codes, FP8 weights and scales keep their dtypes
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.lm_head.weight is model.backbone.embeddings.weight:
             continue
         t = t.detach()
-        if dtype is not None and not name.endswith("e_score_correction_bias"):
+        if dtype is not None and not name.endswith("e_score_correction_bias") and name not in qnames:
             t = t.to(dtype)
-        m = re.match(r"^(.*\.mixer\.experts)\.(up_proj|down_proj)$", name)
+        m = _FUSED_EXPERT.match(name)
         if m and not fused_experts:
             for e in range(t.shape[0]):
-                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e].contiguous()
+                out[f"{m.group(1)}.{e}.{m.group(2)}.{m.group(3) or 'weight'}"] = t[e].contiguous()
         else:
             out[name] = t.contiguous()
     return out
@@ -229,7 +269,16 @@ def save(model: NemotronHForCausalLM, path: str | os.PathLike, dtype=None,
     state = checkpoint_state(model, dtype, fused_experts)
     config = model.config
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-    config = config.replace(torch_dtype=dtype_name.get(parse_dtype(dtype) or model.dtype, "float32"))
+    config = config.replace(torch_dtype=dtype_name.get(parse_dtype(dtype) or model.dtype, "float32"),
+                            extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
+    from .quant.modelopt import config_block, write_hf_quant_config
+    from .quant.quantize import quantized_module_formats
+    if quantized_module_formats(model):       # ModelOpt layout: hf_quant_config.json + config quantization_config
+        if fused_experts:
+            raise ValueError("quantized checkpoints are written per expert (ModelOpt layout); fused_experts=False")
+        config.extra["quantization_config"] = config_block(write_hf_quant_config(model, path))
+    elif (path / "hf_quant_config.json").exists():
+        (path / "hf_quant_config.json").unlink()
     shards, current, size = [], {}, 0
     for name in sorted(state):
         nbytes = state[name].numel() * state[name].element_size()

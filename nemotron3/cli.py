@@ -1,6 +1,7 @@
 """The `nemotron3` command. Subcommands follow vLLM's conventions (`nemotron3 serve MODEL --port 8000`).
 
-    nemotron3 info PRESET|PATH [--json] [--context N]   parameter / memory accounting
+    nemotron3 info PRESET|PATH [--json] [--context N] [--recipe nvfp4|nvfp4-mixed]   parameter / memory accounting
+    nemotron3 quantize SRC DST --recipe nvfp4|nvfp4-mixed [--calib N]   ModelOpt-format NVFP4/FP8 checkpoint
     nemotron3 generate [--model PATH] "prompt"          generation (greedy, or --temperature/--seed; MTP drafts)
     nemotron3 train RECIPE.json [...]                   pretraining (see recipes/)
     nemotron3 serve [MODEL] [--port 8000] [...]         OpenAI/Anthropic-compatible server + web chat at /
@@ -36,10 +37,51 @@ def _config_for(target: str):
 def cmd_info(args) -> None:
     from .presets import format_report, report_dict
     cfg, name = _config_for(args.model)
+    recipes = [args.recipe] if args.recipe else []
     if args.json:
-        print(json.dumps(report_dict(cfg, args.context, name), indent=2))
+        out = report_dict(cfg, args.context, name)
+        if recipes:
+            from .quant.recipe import bits_per_element
+            out["quantization"] = bits_per_element(cfg, args.recipe)
+        print(json.dumps(out, indent=2))
     else:
         print(format_report(cfg, name, args.context))
+        if recipes:
+            from .quant.recipe import format_bits_report
+            print(format_bits_report(cfg, args.recipe))
+
+
+def cmd_quantize(args) -> None:
+    """Post-training quantization to a ModelOpt-format checkpoint (non-quantized tensors written in bf16)."""
+    import shutil
+    import torch
+    from .checkpoint import load, save
+    from .quant.quantize import calibration_batches, quantize_model
+    from .quant.recipe import format_bits_report
+    torch.manual_seed(0)
+    model = load(args.src, dtype="float32")
+    batches = None
+    if args.calib:
+        from .train.corpus import build_corpus, iter_documents
+        from .train.tokenizer import load_tokenizer
+        corpus = Path(args.corpus)
+        if not (corpus / "train.jsonl").exists():
+            build_corpus(corpus, sources=args.sources)
+        tok = load_tokenizer(args.tokenizer or args.src)
+        docs = (d["text"] for d in iter_documents(corpus / "train.jsonl"))
+        batches = calibration_batches(docs, tok, args.calib, args.seq_len)
+    quantize_model(model, args.recipe, batches)
+    dst = Path(args.dst)
+    save(model, dst, dtype="bfloat16")
+    for f in Path(args.src).iterdir():         # tokenizer, chat template, generation config
+        if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and f.name not in (
+                "config.json", "hf_quant_config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, dst / f.name)
+    size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
+    calib = f"calibrated on {len(batches)} batches" if batches else "no input_scale (W4A16)"
+    print(f"wrote {dst} ({args.recipe}, {calib}); "
+          f"safetensors {size / 2**20:.1f} MiB")
+    print(format_bits_report(model.config, args.recipe))
 
 
 def cmd_generate(args) -> None:
@@ -129,7 +171,22 @@ def main(argv=None) -> None:
     s.add_argument("model", help="preset name (tiny, nano, super, ultra) or model directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--context", type=int, default=None, help="context length for the per-sequence cache report")
+    s.add_argument("--recipe", default=None, choices=["nvfp4", "nvfp4-mixed"],
+                   help="also report bits per element under this quantization recipe")
     s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("quantize", help="NVFP4 / FP8 post-training quantization to a ModelOpt-format checkpoint")
+    s.add_argument("src", help="BF16/FP32 model directory")
+    s.add_argument("dst", help="output directory")
+    s.add_argument("--recipe", required=True, choices=["nvfp4", "nvfp4-mixed"],
+                   help="nvfp4: as Nemotron 3 Nano NVFP4; nvfp4-mixed: as Super/Ultra (experts NVFP4, FP8, BF16)")
+    s.add_argument("--calib", type=int, default=0, help="calibration batches of real text for input_scale (0 = none)")
+    s.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SRC)")
+    s.add_argument("--corpus", default=str(Path.home() / ".cache" / "nemotron3" / "corpus"),
+                   help="corpus directory whose train split supplies calibration text (built if missing)")
+    s.add_argument("--sources", nargs="+", default=["stdlib", "docs"])
+    s.set_defaults(fn=cmd_quantize)
 
     s = sub.add_parser("generate", help="generate from a prompt (greedy by default)")
     s.add_argument("prompt")

@@ -1,5 +1,6 @@
 """Quantization formats: NVFP4 (E2M1 + E4M3 block scales + FP32 tensor scale) and FP8 E4M3 per-tensor,
-plus weight-only quantized linear layers that keep the packed tensors under Model-Optimizer names."""
+weight-only quantized linear / routed-expert modules that keep the packed tensors under Model-Optimizer names,
+recipes (``recipe``), whole-model quantization (``quantize``) and ModelOpt checkpoint metadata (``modelopt``)."""
 from .linear import FP8Linear, NVFP4Linear
 from .nvfp4 import (
     BLOCK, E2M1_VALUES, dequantize, dequantize_2d, dequantize_fp8, e2m1_decode, e2m1_encode, encode_with_scales,

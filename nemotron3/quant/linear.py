@@ -5,6 +5,7 @@ Weights stay quantized in memory under Model-Optimizer checkpoint names:
 * :class:`NVFP4Linear`: ``weight`` uint8 [N, K/2] (packed E2M1, element 0 in the low nibble), ``weight_scale``
   float8_e4m3fn [N, K/16], ``weight_scale_2`` fp32 scalar -> 4.5 bits per weight element (+ 32 bits per tensor).
 * :class:`FP8Linear`: ``weight`` float8_e4m3fn [N, K], ``weight_scale`` fp32 scalar (amax/448).
+* both: optional ``input_scale`` fp32 scalar (calibrated activation scale; unused by the W4A16 / W8A16 compute).
 
 ``forward`` dequantizes ``chunk_rows`` output rows at a time straight into the activation dtype and multiplies,
 so the temporary high-precision weight is at most ``chunk_rows x K`` elements (plus one fp32 chunk while
@@ -27,7 +28,24 @@ def _quant_bits_per_element(module: nn.Module, numel: int) -> float:
     return 8.0 * nbytes / numel
 
 
-class _QuantLinearBase(nn.Module):
+class KeepQuantDtypes(nn.Module):
+    """``module.to(dtype)`` / ``.half()`` must not cast packed codes, FP8 weights or fp32 scales: ``_apply`` moves
+    the buffers named in ``QUANT_BUFFERS`` to the new device only, and converts everything else as usual."""
+    QUANT_BUFFERS: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        held = {k: self._buffers.pop(k) for k in self.QUANT_BUFFERS if self._buffers.get(k) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            dev = fn(torch.empty(0)).device
+            self._buffers.update({k: v.to(dev) for k, v in held.items()})
+        return self
+
+
+class _QuantLinearBase(KeepQuantDtypes):
+    QUANT_BUFFERS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  chunk_rows: int, device=None):
         super().__init__()
@@ -38,6 +56,9 @@ class _QuantLinearBase(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # ModelOpt ``input_scale`` (fp32 scalar: act amax / (6*448) for NVFP4, / 448 for FP8), set by calibration
+        # (``quant.quantize_model``) or a checkpoint; None = uncalibrated (W4A16-only checkpoint, not written)
+        self.register_buffer("input_scale", None)
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
