@@ -110,3 +110,17 @@ def test_short_training_tracks_high_precision():
     fp4, fp40 = run(True)
     assert hp < 0.5 * hp0 and fp4 < 0.5 * fp40          # both learn
     assert abs(fp4 - hp) / hp < 0.15, (fp4, hp)          # NVFP4 tracks the high-precision loss
+
+
+def test_padded_layer_matches_zero_padded_tiles():
+    """pad=True (used for Mamba in_proj widths like 196): zero-padding to 16x16 tiles, then cropping."""
+    g = torch.Generator().manual_seed(12)
+    lin = nn.Linear(40, 24)
+    m = NVFP4TrainLinear.from_linear(lin, pad=True, generator=torch.Generator().manual_seed(13))
+    x = torch.randn(5, 40, generator=g, requires_grad=True)
+    wp = F.pad(lin.weight.detach(), (0, 8, 0, 8))                      # [32, 48]
+    ref = F.linear(q.fake_quantize(F.pad(x.detach(), (0, 8)))[:, :40], q.fake_quantize_2d(wp)[:24, :40], lin.bias)
+    y = m(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and m.weight.grad.shape == m.weight.shape and torch.isfinite(m.weight.grad).all()

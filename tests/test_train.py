@@ -184,11 +184,6 @@ def test_resume_is_exact_and_checkpoint_is_pickle_free(data_dirs, tmp_path):
         assert (m16(ids) - m32(ids)).abs().max() < 0.25
 
 
-def test_precision_nvfp4_not_available(data_dirs, tmp_path):
-    with pytest.raises(NotImplementedError, match="not available yet"):
-        train(recipe(data_dirs, tmp_path, precision="nvfp4"), progress=False)
-
-
 def test_sigint_saves_and_exits_cleanly(data_dirs, tmp_path):
     r = recipe(data_dirs, tmp_path, total_steps=100000, warmup_steps=3)
     (tmp_path / "r.json").write_text(json.dumps(r))
@@ -235,3 +230,81 @@ def test_ddp_two_ranks_match_single_process(data_dirs, tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
         assert a["mtp_loss"] == pytest.approx(b["mtp_loss"], abs=1e-5)
         assert a.get("val_loss") == pytest.approx(b.get("val_loss"), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- --precision nvfp4
+
+def test_nvfp4_recipe_swaps_the_right_modules():
+    """Super's NVFP4 run: attention and latent projections, routers, embeddings, lm_head, MTP and the last 15%
+    of layers stay high precision; Mamba, shared- and routed-expert GEMMs go NVFP4. Parameters are kept."""
+    from nemotron3.model.moe import Experts
+    from nemotron3.quant.training import NVFP4TrainLinear, apply_nvfp4_training
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(model_config(load_recipe(RECIPE)))          # pattern M*EME: layer 4 is the last 15%
+    before = {n: p for n, p in model.named_parameters()}
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = apply_nvfp4_training(model)
+    swapped = {n for n, m in model.named_modules() if isinstance(m, NVFP4TrainLinear)}
+    swapped |= {n for n, m in model.named_modules() if isinstance(m, Experts) and m.linear_fn is not None}
+    assert swapped == {n for n, v in plan.items() if v == "nvfp4"} == {
+        "backbone.layers.0.mixer.in_proj", "backbone.layers.0.mixer.out_proj",
+        "backbone.layers.2.mixer.experts", "backbone.layers.2.mixer.shared_experts.up_proj",
+        "backbone.layers.2.mixer.shared_experts.down_proj",
+        "backbone.layers.3.mixer.in_proj", "backbone.layers.3.mixer.out_proj"}
+    assert not any(n.startswith(("backbone.layers.4.", "mtp.", "lm_head")) for n in swapped)
+    assert plan["backbone.layers.1.mixer.q_proj"] == "attention"
+    assert plan["backbone.layers.2.mixer.fc1_latent_proj"] == "latent projection"
+    assert {n: p for n, p in model.named_parameters()} == before                  # same names, same Parameters
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())
+    # 12 layers (the pico pattern): ceil(0.15 * 12) = 2 layers stay high precision
+    from nemotron3.quant.training import nvfp4_training_plan
+    cfg = dict(load_recipe(RECIPE)["model"], pattern="MEM*EMEM*EME")
+    plan12 = nvfp4_training_plan(NemotronHForCausalLM(model_config({"model": cfg})))
+    assert {int(n.split(".")[2]) for n, v in plan12.items() if v.startswith("last")} == {10, 11}
+
+
+def test_nvfp4_training_learns_and_writes_normal_checkpoint(data_dirs, tmp_path):
+    res = train(recipe(data_dirs, tmp_path, precision="nvfp4", total_steps=30, warmup_steps=3, eval_every=30),
+                progress=False)
+    log = losses(tmp_path)
+    assert len(log) == 30 and res["step"] == 30
+    first, last = sum(r["lm_loss"] for r in log[:3]) / 3, sum(r["lm_loss"] for r in log[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert res["val_loss"] < log[0]["lm_loss"] - 0.5
+    # an ordinary fp32 checkpoint and bf16 export: plain nn.Linear modules, the usual parameter names
+    ref = set(NemotronHForCausalLM(model_config(load_recipe(RECIPE))).state_dict())
+    for d in ("checkpoint", "model"):
+        m = nemotron3.load(tmp_path / d)
+        assert set(m.state_dict()) == ref
+        assert not any(type(x).__name__ == "NVFP4TrainLinear" for x in m.modules())
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.isfinite(nemotron3.load(tmp_path / "model")(ids)).all()
+
+
+def test_nvfp4_resume_is_exact(data_dirs, tmp_path):
+    """Stochastic rounding draws from torch's global RNG, which the checkpoint saves: bit-exact resume."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    kw = dict(precision="nvfp4", total_steps=8, warmup_steps=2, eval_every=4, save_every=1000)
+    train(recipe(data_dirs, a, **kw), progress=False)
+    train(recipe(data_dirs, b, **kw), max_steps=5, progress=False)
+    train(recipe(data_dirs, b, **kw), resume=True, progress=False)
+    la, lb = losses(a), losses(b)
+    assert [r["step"] for r in lb] == list(range(1, 9))
+    for ra, rb in zip(la, lb):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert ra[key] == rb[key], (ra["step"], key)
+        assert ra.get("val_loss") == rb.get("val_loss")
+    # nvfp4 really differs from fp32 on the same init and data, and an nvfp4 checkpoint resumes in fp32
+    # (the paper's switch to high precision for the last part of training)
+    c = tmp_path / "c"
+    train(recipe(data_dirs, c, **kw), max_steps=5, progress=False)
+    train(recipe(data_dirs, c, **dict(kw, precision="fp32")), resume=True, progress=False)
+    lc = losses(c)
+    assert [r["lm_loss"] for r in lc[:5]] == [r["lm_loss"] for r in la[:5]] and len(lc) == 8
+    assert lc[5]["lm_loss"] != la[5]["lm_loss"]
+
+
+def test_unknown_precision_rejected(data_dirs, tmp_path):
+    with pytest.raises(ValueError, match="fp32, bf16 or nvfp4"):
+        train(recipe(data_dirs, tmp_path, precision="fp8"), progress=False)

@@ -65,6 +65,8 @@ class TopkRouter(nn.Module):
 
 
 class Experts(nn.Module):
+    linear_fn = None     # per-expert matmul; None = F.linear (NVFP4 training sets its fake-quant linear here)
+
     def __init__(self, config: NemotronConfig):
         super().__init__()
         c = config
@@ -81,10 +83,10 @@ class Experts(nn.Module):
         token = order // k
         xs = x.index_select(0, token)
         ws = w.reshape(-1).index_select(0, order)
-        outs = []
+        outs, linear = [], self.linear_fn or F.linear
         for e, chunk in zip(range(self.n_experts), xs.split(counts)):
             if counts[e]:
-                outs.append(F.linear(relu2(F.linear(chunk, self.up_proj[e])), self.down_proj[e]))
+                outs.append(linear(relu2(linear(chunk, self.up_proj[e])), self.down_proj[e]))
         ys = torch.cat(outs).float() * ws[:, None]
         out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token, ys).to(x.dtype)

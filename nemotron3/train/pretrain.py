@@ -16,6 +16,12 @@ Design decisions (sources: /work/shared/reference/recipes.md §1-3):
   under bf16 autocast: autocast's weight cache is off, so each use casts separately and the grads
   meet in the fp32 .grad). Logits are fp32; the losses are computed in fp32.
 * WSD schedule: linear warmup, constant, 1-sqrt decay to min_lr over the last decay_fraction of steps.
+* precision: fp32; bf16 (autocast, fp32 master weights); nvfp4 = NVIDIA's NVFP4 pretraining recipe emulated
+  (quant/training.py: fake-quantized GEMMs, 16x16 weight tiles, 1x16 activations, stochastic rounding and a
+  16-point RHT in backward) on the Mamba, shared/routed-expert and dense-MLP linears; attention projections,
+  latent projections, routers, embeddings, lm_head, MTP and the last nvfp4_hp_last_fraction (15%) of layers
+  stay in high precision (fp32 here; BF16 in NVIDIA's run). Stochastic rounding draws from torch's global RNG,
+  which checkpoints save, so an nvfp4 resume is exact too; checkpoints stay ordinary fp32 checkpoints.
 * Checkpoints are safetensors + JSON only (never pickle), written to a temp dir and renamed; batches
   are a pure function of the step index (data.py), so `--resume` replays the uninterrupted run exactly.
 """
@@ -51,7 +57,7 @@ TRAIN_DEFAULTS = dict(
     batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-5, warmup_steps=50, total_steps=1000, decay_fraction=0.2,
     weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0, mtp_depths=2, mtp_loss_factor=0.3,
     moe_aux_loss_coeff=1e-4, bias_update_rate=1e-3, eval_every=100, eval_batches=8, save_every=250,
-    seed=1337, threads=2, precision="fp32", device="cpu", log_every=1)
+    seed=1337, threads=2, precision="fp32", device="cpu", log_every=1, nvfp4_hp_last_fraction=0.15)
 DATA_DEFAULTS = dict(corpus_dir="runs/data/corpus", tokenizer_dir="runs/data/tokenizer", seq_len=512,
                      sources=None)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -364,10 +370,8 @@ class _Stop:
 
 def train(recipe: dict, resume: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
     t, d = recipe["train"], recipe["data"]
-    if t["precision"] == "nvfp4":
-        raise NotImplementedError("--precision nvfp4 is not available yet (use fp32 or bf16)")
-    if t["precision"] not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {t['precision']!r}")
+    if t["precision"] not in ("fp32", "bf16", "nvfp4"):
+        raise ValueError(f"precision must be fp32, bf16 or nvfp4, got {t['precision']!r}")
     rank, world, local = (int(os.environ.get(k, dflt)) for k, dflt in
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     ddp = world > 1
@@ -396,6 +400,10 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
     else:
         model = NemotronHForCausalLM(model_config(recipe)).to(device).train()
     cfg = model.config
+    nvfp4_plan = None
+    if t["precision"] == "nvfp4":     # swap before the optimizer / DDP see the modules; parameters are kept
+        from ..quant.training import apply_nvfp4_training
+        nvfp4_plan = apply_nvfp4_training(model, t["nvfp4_hp_last_fraction"])
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         train_ds, val_ds = prepare_data(recipe, cfg.vocab_size)
@@ -440,6 +448,10 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
         print(f"model {model.num_parameters() / 1e6:.2f}M params | {world} rank(s) x {B} x {A} accum x {T} = "
               f"{step_tokens} tokens/step | {t['precision']} on {device} | "
               f"{len(train_ds)} train rows, {train_ds.steps_per_epoch(B * A, world)} steps/epoch", file=sys.stderr)
+        if nvfp4_plan is not None:
+            hp = sorted({v for v in nvfp4_plan.values() if v != "nvfp4"})
+            print(f"nvfp4: {sum(v == 'nvfp4' for v in nvfp4_plan.values())} of {len(nvfp4_plan)} linears/expert "
+                  f"blocks in NVFP4; high precision: {', '.join(hp)}", file=sys.stderr)
 
     def log(rec):
         if master:
