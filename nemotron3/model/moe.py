@@ -76,20 +76,25 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [N, l], idx/w [N, k] -> sum_k w[:, k] * expert_idx[:, k](x), accumulated in fp32."""
-        N, k = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token = order // k
-        xs = x.index_select(0, token)
-        ws = w.reshape(-1).index_select(0, order)
-        outs, linear = [], self.linear_fn or F.linear
-        for e, chunk in zip(range(self.n_experts), xs.split(counts)):
-            if counts[e]:
-                outs.append(linear(relu2(linear(chunk, self.up_proj[e])), self.down_proj[e]))
-        ys = torch.cat(outs).float() * ws[:, None]
-        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys).to(x.dtype)
+        linear = self.linear_fn or F.linear
+        return dispatch_experts(x, idx, w, self.n_experts,
+                                lambda e, h: linear(relu2(linear(h, self.up_proj[e])), self.down_proj[e]))
+
+
+def dispatch_experts(x, idx, w, n_experts: int, expert) -> torch.Tensor:
+    """Group the (token, expert) pairs by expert, run `expert(e, tokens)` once per expert that received
+    tokens, and combine with the routing weights in fp32. Shared by the fp and the NVFP4 expert modules."""
+    N, k = idx.shape
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    token = order // k
+    xs = x.index_select(0, token)
+    ws = w.reshape(-1).index_select(0, order)
+    outs = [expert(e, chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]]
+    ys = torch.cat(outs).float() * ws[:, None]
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token, ys).to(x.dtype)
 
 
 class LatentMoE(nn.Module):

@@ -22,7 +22,7 @@ from torch import nn
 from . import nvfp4
 from .linear import FP8Linear, KeepQuantDtypes, NVFP4Linear
 from .recipe import get_recipe
-from ..model.moe import Experts, relu2
+from ..model.moe import Experts, dispatch_experts, relu2
 
 QUANT_MODULES = (NVFP4Linear, FP8Linear)
 _FUSED = (("q_proj", "k_proj", "v_proj"),)
@@ -68,21 +68,10 @@ class NVFP4Experts(KeepQuantDtypes):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """As ``Experts.forward``: x [N, l], idx/w [N, k] -> [N, l], with weights dequantized per used expert."""
-        N, k = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token = order // k
-        xs = x.index_select(0, token)
-        ws = w.reshape(-1).index_select(0, order)
-        outs = []
-        for e, chunk in zip(range(self.n_experts), xs.split(counts)):
-            if counts[e]:
-                h = relu2(F.linear(chunk, self.dequantized("up_proj", e, x.dtype)))
-                outs.append(F.linear(h, self.dequantized("down_proj", e, x.dtype)))
-        ys = torch.cat(outs).float() * ws[:, None]
-        out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, ys).to(x.dtype)
+        def expert(e, h):
+            h = relu2(F.linear(h, self.dequantized("up_proj", e, x.dtype)))
+            return F.linear(h, self.dequantized("down_proj", e, x.dtype))
+        return dispatch_experts(x, idx, w, self.n_experts, expert)
 
 
 def module_formats(model: nn.Module, recipe) -> dict[str, str]:
