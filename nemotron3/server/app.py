@@ -77,6 +77,21 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+async def _openai_sse(gen, what: str) -> AsyncIterator[str]:
+    """Stream `gen`'s SSE lines; an error mid-stream becomes an OpenAI error event; always end with [DONE].
+    Closing this stream (client disconnect) closes `gen`, which aborts its engine requests."""
+    try:
+        async with aclosing(gen) as g:
+            async for line in g:
+                yield line
+    except APIError as e:
+        yield _sse(P.openai_error(e.status, e.message, e.type, e.param, e.code))
+    except Exception:
+        log.exception("%s stream failed", what)
+        yield _sse(P.openai_error(500, "internal server error"))
+    yield "data: [DONE]\n\n"
+
+
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
@@ -448,39 +463,32 @@ class Server:
         for i in range(plan.params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         final = None
-        try:
-            async with aclosing(self.run(plan.ids, plan.params, "chat")) as gen:
-                async for out in gen:
-                    final = out
-                    for c in out.outputs:
-                        st = states[c.index]
-                        if st.done:
-                            continue
-                        d = st.parser.feed(c.delta_text)
-                        if c.finished:
-                            d += st.parser.finish()
-                        deltas = st.deltas(d, c.finished)
-                        lp = None
-                        if plan.params.logprobs is not None and len(c.token_ids) > st.n_tokens:
-                            lp = {"content": self.chat_logprobs(c.token_ids[st.n_tokens:],
-                                                                (c.logprobs or [])[st.n_tokens:], plan.top_logprobs)}
-                        st.n_tokens = len(c.token_ids)
-                        for k, delta in enumerate(deltas):
-                            yield chunk(c.index, delta, lp if k == 0 else None)
-                        if lp is not None and not deltas:
-                            yield chunk(c.index, {}, lp)
-                        if c.finished:
-                            st.done = True
-                            reason = "tool_calls" if st.n_calls and c.finish_reason == "stop" else c.finish_reason
-                            yield chunk(c.index, {}, None, reason)
-            if plan.include_usage and final is not None:
-                yield _sse({**base, "choices": [], "usage": self.usage(final)})
-        except APIError as e:
-            yield _sse(P.openai_error(e.status, e.message, e.type, e.param, e.code))
-        except Exception:
-            log.exception("chat stream failed")
-            yield _sse(P.openai_error(500, "internal server error"))
-        yield "data: [DONE]\n\n"
+        async with aclosing(self.run(plan.ids, plan.params, "chat")) as gen:
+            async for out in gen:
+                final = out
+                for c in out.outputs:
+                    st = states[c.index]
+                    if st.done:
+                        continue
+                    d = st.parser.feed(c.delta_text)
+                    if c.finished:
+                        d += st.parser.finish()
+                    deltas = st.deltas(d, c.finished)
+                    lp = None
+                    if plan.params.logprobs is not None and len(c.token_ids) > st.n_tokens:
+                        lp = {"content": self.chat_logprobs(c.token_ids[st.n_tokens:],
+                                                            (c.logprobs or [])[st.n_tokens:], plan.top_logprobs)}
+                    st.n_tokens = len(c.token_ids)
+                    for k, delta in enumerate(deltas):
+                        yield chunk(c.index, delta, lp if k == 0 else None)
+                    if lp is not None and not deltas:
+                        yield chunk(c.index, {}, lp)
+                    if c.finished:
+                        st.done = True
+                        reason = "tool_calls" if st.n_calls and c.finish_reason == "stop" else c.finish_reason
+                        yield chunk(c.index, {}, None, reason)
+        if plan.include_usage and final is not None:
+            yield _sse({**base, "choices": [], "usage": self.usage(final)})
 
     # ------------------------------------------------------------------ completions
     def completion_prompts(self, prompt) -> list[list[int]]:
@@ -575,42 +583,35 @@ class Server:
         offsets: dict = {}
         done: set = set()
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        try:
-            async with aclosing(_merge([self.run(ids, p, "completions") for ids, p in plans])) as gen:
-                async for pi, out in gen:
-                    for c in out.outputs:
-                        key = (pi, c.index)
-                        if key in done:
-                            continue
-                        text = c.delta_text
-                        if key not in sent:
-                            sent[key] = 0
-                            echo = self.prompt_text(out.prompt_token_ids) if req.echo else ""
-                            text, offsets[key] = echo + text, len(echo)
-                        lp = None
-                        if req.logprobs is not None and len(c.token_ids) > sent[key]:
-                            lp = self.completion_logprobs(c.token_ids[sent[key]:], (c.logprobs or [])[sent[key]:],
-                                                          req.logprobs, offsets[key])
-                            offsets[key] += sum(len(s) for s in lp["tokens"])
-                        sent[key] = len(c.token_ids)
-                        if c.finished:
-                            done.add(key)
-                        if text or lp is not None or c.finished:
-                            yield _sse({**base, "choices": [{"index": pi * req.n + c.index, "text": text,
-                                                             "logprobs": lp, "finish_reason": c.finish_reason,
-                                                             "stop_reason": c.stop_reason}], **extra})
-                    if out.finished:
-                        u = self.usage(out, include_details=False)
-                        for k in usage:
-                            usage[k] += u[k]
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": usage})
-        except APIError as e:
-            yield _sse(P.openai_error(e.status, e.message, e.type, e.param, e.code))
-        except Exception:
-            log.exception("completion stream failed")
-            yield _sse(P.openai_error(500, "internal server error"))
-        yield "data: [DONE]\n\n"
+        async with aclosing(_merge([self.run(ids, p, "completions") for ids, p in plans])) as gen:
+            async for pi, out in gen:
+                for c in out.outputs:
+                    key = (pi, c.index)
+                    if key in done:
+                        continue
+                    text = c.delta_text
+                    if key not in sent:
+                        sent[key] = 0
+                        echo = self.prompt_text(out.prompt_token_ids) if req.echo else ""
+                        text, offsets[key] = echo + text, len(echo)
+                    lp = None
+                    if req.logprobs is not None and len(c.token_ids) > sent[key]:
+                        lp = self.completion_logprobs(c.token_ids[sent[key]:], (c.logprobs or [])[sent[key]:],
+                                                      req.logprobs, offsets[key])
+                        offsets[key] += sum(len(s) for s in lp["tokens"])
+                    sent[key] = len(c.token_ids)
+                    if c.finished:
+                        done.add(key)
+                    if text or lp is not None or c.finished:
+                        yield _sse({**base, "choices": [{"index": pi * req.n + c.index, "text": text,
+                                                         "logprobs": lp, "finish_reason": c.finish_reason,
+                                                         "stop_reason": c.stop_reason}], **extra})
+                if out.finished:
+                    u = self.usage(out, include_details=False)
+                    for k in usage:
+                        usage[k] += u[k]
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": usage})
 
 
 class _ChatStreamState:
@@ -901,7 +902,7 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
         server.admit(plan.params.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
-            return StreamingResponse(server.chat_stream(plan, rid, req.model), media_type="text/event-stream",
+            return StreamingResponse(_openai_sse(server.chat_stream(plan, rid, req.model), "chat"), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         final = await until_disconnect(request, server.final(plan.ids, plan.params, "chat"))
         if final is None:
@@ -916,7 +917,7 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
         server.admit(sum(p.n for _, p in plans))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
-            return StreamingResponse(server.completion_stream(plans, req, rid, req.model),
+            return StreamingResponse(_openai_sse(server.completion_stream(plans, req, rid, req.model), "completion"),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
 
         async def all_finals():
