@@ -155,7 +155,6 @@ class ServerMetrics:
         metric("cache_usage_perc", "gauge", "Fraction of the engine's cache slots in use (1 = full).",
                [("", running / max(1, engine.max_num_seqs))])
         nb = engine.cache.nbytes()
-        nb = nb if isinstance(nb, dict) else {"total": nb}
         metric("cache_bytes", "gauge", "Bytes held by the hybrid cache (Mamba state, K/V buffers, total).",
                [(f'kind="{_label(k)}"', v) for k, v in nb.items()])
         pc = engine.prefix_cache
