@@ -101,3 +101,33 @@ def test_load_tokens_caches_and_preserves_documents(corpus):
     ds = PackedDataset.from_corpus(corpus_dir, tok, seq_len=32, seed=0)
     x, y = next(ds.batches(2))
     assert x.shape == (2, 32) and ((y == -100) == (x == tok.eos_id)).all()
+
+
+def test_loss_mask_hides_targets_whose_mask_is_zero():
+    tokens = _stream()
+    mask = (np.arange(len(tokens)) % 3 != 0).astype(np.uint8)
+    ds = PackedDataset(tokens, seq_len=16, eos_id=EOS, shuffle=False, loss_mask=mask)
+    x, y = ds.rows(np.arange(ds.num_rows))
+    pos = np.arange(ds.num_rows)[:, None] * 16 + np.arange(1, 17)          # stream index of each target
+    expect = np.where((mask[pos] == 0) | (x.numpy() == EOS), IGNORE_INDEX, tokens[pos].astype(np.int64))
+    assert np.array_equal(y.numpy(), expect)
+    with pytest.raises(ValueError, match="loss_mask shape"):
+        PackedDataset(tokens, 16, EOS, loss_mask=mask[:-1])
+
+
+def test_mixture_is_a_weighted_deterministic_cycle():
+    from nemotron3.train.data import Mixture
+    short = PackedDataset(_stream(400, 1), seq_len=8, eos_id=EOS, seed=1)
+    long = PackedDataset(_stream(400, 2), seq_len=64, eos_id=EOS, seed=2)
+    mix = Mixture([(short, 4, 2), (long, 1, 1)])
+    assert mix.cycle == [0, 1, 0]                                   # slots at 1/4, 3/4 (short) and 1/2 (long)
+    located = [mix.locate(k) for k in range(9)]
+    assert located == [(0, 0), (1, 0), (0, 1), (0, 2), (1, 1), (0, 3), (0, 4), (1, 2), (0, 5)]
+    for k, (i, j) in enumerate(located):                           # each component's steps in order, none skipped
+        ds, b, _ = mix.components[i]
+        x, y = mix.batch(k)
+        assert x.shape == (b, ds.seq_len)
+        assert torch.equal(x, ds.batch(j, b)[0])
+    assert mix.steps_per_epoch() == min(short.steps_per_epoch(4) * 3 // 2, long.steps_per_epoch(1) * 3)
+    with pytest.raises(ValueError, match="positive integers"):
+        Mixture([(short, 4, 0)])

@@ -308,3 +308,39 @@ def test_nvfp4_resume_is_exact(data_dirs, tmp_path):
 def test_unknown_precision_rejected(data_dirs, tmp_path):
     with pytest.raises(ValueError, match="fp32, bf16 or nvfp4"):
         train(recipe(data_dirs, tmp_path, precision="fp8"), progress=False)
+
+
+def test_mixture_recipe_and_init_continue_from_a_model(data_dirs, tmp_path):
+    """A long/short mixture trains from an existing model dir (`init`) and logs the tokens it really saw."""
+    base = recipe(data_dirs, tmp_path / "base", total_steps=2)
+    train(base, progress=False)
+    corpus = str(data_dirs / "corpus")
+    r = recipe(data_dirs, tmp_path / "lc", total_steps=3, lr=1e-3, warmup_steps=1)
+    r["init"] = str(tmp_path / "base" / "model")
+    r["data"]["mix"] = [{"source": corpus, "seq_len": 16, "batch_size": 2, "weight": 2},
+                        {"source": "corpus", "seq_len": 64, "batch_size": 1, "weight": 1}]
+    first = nemotron3.load(r["init"], dtype=torch.float32)
+    train(r, progress=False, max_steps=1)
+    recs = losses(tmp_path / "lc")
+    assert recs[0]["tokens"] == 2 * 16                 # step 0 = the short component
+    assert recs[0]["lm_loss"] < 7.0                    # starts from the trained base, not from scratch
+    train(r, resume=True, progress=False)
+    recs = losses(tmp_path / "lc")
+    assert [x["tokens"] for x in recs] == [32, 32 + 64, 32 + 64 + 32]
+    after = nemotron3.load(tmp_path / "lc" / "model", dtype=torch.float32)
+    assert not torch.equal(after.lm_head.weight, first.lm_head.weight)
+
+
+def test_surgery_keeps_matching_tensors_and_reinitialises_the_rest():
+    from helpers import randomize, small_config
+    from nemotron3.train.surgery import transplant
+    src = randomize(NemotronHForCausalLM(small_config("M*EM-E", num_nextn_predict_layers=1)))
+    model, new = transplant(src, src.config.replace(pattern="MMEM-E", num_nextn_predict_layers=0), fresh_layers=[4])
+    sd, old = model.state_dict(), src.state_dict()
+    assert model.mtp is None and model.config.pattern == "MMEM-E"
+    assert all(k.startswith(("backbone.layers.1.", "backbone.layers.4.")) for k in new)
+    assert "backbone.layers.1.mixer.in_proj.weight" in new and "backbone.layers.4.mixer.up_proj.weight" in new
+    for k, v in sd.items():
+        if k not in new:
+            assert torch.equal(v, old[k]), k
+    assert not torch.equal(sd["backbone.layers.4.mixer.up_proj.weight"], old["backbone.layers.4.mixer.up_proj.weight"])

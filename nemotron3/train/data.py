@@ -10,12 +10,17 @@ Design decisions:
   boundary token and every token after the first is a target exactly once);
   ``input_ids = row[:-1]``, ``labels = row[1:]``. A label is ``-100`` where the input
   token is EOS, i.e. where the target would be the first token of the next document:
-  no cross-document prediction (attention may still see the previous document).
+  no cross-document prediction (attention may still see the previous document). An optional
+  ``loss_mask`` stream (SFT: 1 on assistant tokens) also sets ``-100`` where the target's mask is 0.
 * Batch ``k`` is a pure function of ``(seed, k, batch_size, world_size, rank)``: epoch
   ``e`` uses the permutation ``default_rng([seed, e])``, each step consumes
   ``batch_size * world_size`` consecutive permuted rows (rank ``r`` takes the ``r``-th
   slice), and the ragged tail of each epoch is dropped. Hence ``batches(start_step=k)``
   reproduces an uninterrupted run exactly and ranks never share a row within a step.
+* A ``Mixture`` of datasets with different row lengths and batch sizes (the long-context stage mixes
+  long and short sequences, as Nemotron 3 mixes 1M- and 4K-token sequences) assigns global step ``k``
+  to one component by a fixed weighted cycle; the component's own step counter is the number of
+  earlier steps it was given, so a mixture batch is again a pure function of ``k``.
 """
 
 from __future__ import annotations
@@ -73,8 +78,12 @@ def load_tokens(corpus: str | os.PathLike, tokenizer, split: str = "train", cach
 class PackedDataset:
     """Rows of ``seq_len + 1`` tokens cut from one token stream; see module docstring."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int, seed: int = 0, shuffle: bool = True,
+                 loss_mask: np.ndarray | None = None):
         self.tokens = np.asarray(tokens)
+        self.loss_mask = None if loss_mask is None else np.asarray(loss_mask)
+        if self.loss_mask is not None and self.loss_mask.shape != self.tokens.shape:
+            raise ValueError(f"loss_mask shape {self.loss_mask.shape} != tokens shape {self.tokens.shape}")
         self.seq_len, self.eos_id, self.seed, self.shuffle = int(seq_len), int(eos_id), int(seed), shuffle
         self.num_rows = max(0, (len(self.tokens) - 1) // self.seq_len)
         if self.num_rows == 0:
@@ -91,9 +100,12 @@ class PackedDataset:
     def rows(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, labels)`` LongTensors ``[len(idx), seq_len]`` for row indices ``idx``."""
         idx = np.asarray(idx, dtype=np.int64)
-        window = self.tokens[idx[:, None] * self.seq_len + np.arange(self.seq_len + 1)].astype(np.int64)
+        pos = idx[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        window = self.tokens[pos].astype(np.int64)
         x, y = window[:, :-1], window[:, 1:].copy()
         y[x == self.eos_id] = IGNORE_INDEX
+        if self.loss_mask is not None:
+            y[self.loss_mask[pos[:, 1:]] == 0] = IGNORE_INDEX
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -134,3 +146,41 @@ class PackedDataset:
         mine = np.arange(rank, self.num_rows, world_size)
         for i in range(0, len(mine), batch_size):
             yield self.rows(mine[i:i + batch_size])
+
+
+class Mixture:
+    """Components ``(dataset, batch_size, weight)``; step ``k`` goes to ``cycle[k % len(cycle)]`` where the
+    cycle spreads each component's integer ``weight`` evenly (weights 2:1 -> A B A, A B A, ...)."""
+
+    def __init__(self, components: list[tuple[PackedDataset, int, int]]):
+        if not components:
+            raise ValueError("a mixture needs at least one component")
+        for _, b, w in components:
+            if int(b) < 1 or int(w) < 1 or int(w) != w:
+                raise ValueError(f"mixture batch_size and weight must be positive integers, got {b}, {w}")
+        self.components = [(ds, int(b), int(w)) for ds, b, w in components]
+        total = sum(w for *_, w in self.components)
+        # component i's j-th slot sits at (j + 0.5) / w_i of the cycle; stable sort keeps it deterministic
+        slots = sorted(((j + 0.5) / w, i) for i, (_, _, w) in enumerate(self.components) for j in range(w))
+        self.cycle = [i for _, i in slots]
+        self.before = [[self.cycle[:p].count(i) for p in range(total)] for i in range(len(self.components))]
+
+    def __len__(self) -> int:
+        return sum(len(ds) for ds, *_ in self.components)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(component index, that component's own step) of global step ``step``."""
+        n = len(self.cycle)
+        q, r = divmod(int(step), n)
+        i = self.cycle[r]
+        return i, q * self.components[i][2] + self.before[i][r]
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1):
+        i, k = self.locate(step)
+        ds, b, _ = self.components[i]
+        return ds.batch(k, b, rank, world_size)
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Global steps until the first component wraps around."""
+        n = len(self.cycle)
+        return min(ds.steps_per_epoch(b, world_size) * n // w for ds, b, w in self.components)

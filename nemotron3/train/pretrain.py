@@ -292,10 +292,28 @@ def export(ckpt_dir, model_dir, dtype="bfloat16", tokenizer_dir=None) -> Path:
 # data, logging
 # ----------------------------------------------------------------------------------------------------
 
+def _component(spec: dict, corpus: Path, tok, seed: int, shuffle: bool):
+    """One PackedDataset from a data spec: source "corpus" (the recipe's corpus dir) or another corpus dir
+    (both read `split`, default train), a documents `.jsonl`, or a token stream `.npy` (optionally with a `mask` `.npy` of the same length: 1 = learn this token)."""
+    from .data import PackedDataset, load_tokens
+    src, T = spec.get("source", "corpus"), spec["seq_len"]
+    if src == "corpus" or Path(src).is_dir() or str(src).endswith(".jsonl"):
+        tokens = load_tokens(corpus if src == "corpus" else src, tok, spec.get("split", "train"))
+    elif str(src).endswith(".npy"):
+        tokens = np.load(src, allow_pickle=False)
+    else:
+        raise ValueError(f"data source must be 'corpus', a corpus dir, a .jsonl or a .npy file, got {src!r}")
+    mask = np.load(spec["mask"], allow_pickle=False) if spec.get("mask") else None
+    return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
+
+
 def prepare_data(recipe: dict, vocab_size: int):
-    """Build the corpus and train the tokenizer when missing; returns (train, val) PackedDatasets."""
+    """Build the corpus and train the tokenizer when missing; returns (train Mixture, val PackedDataset).
+    Without `data.mix` the mixture is the corpus train split alone (rows of seq_len, train.batch_size);
+    `data.mix` lists components {source, seq_len, batch_size, weight[, split, mask]}; `data.val` is a spec
+    like a component's (default: the corpus val split at seq_len)."""
     from .corpus import build_corpus, iter_documents, stdlib_root
-    from .data import PackedDataset
+    from .data import Mixture
     from .tokenizer import load_tokenizer, train_tokenizer
     d, seed = recipe["data"], recipe["train"]["seed"]
     corpus, tok_dir = Path(d["corpus_dir"]), Path(d["tokenizer_dir"])
@@ -308,8 +326,11 @@ def prepare_data(recipe: dict, vocab_size: int):
     tok = load_tokenizer(tok_dir)
     if tok.vocab_size > vocab_size:
         raise ValueError(f"tokenizer vocab {tok.vocab_size} > model vocab_size {vocab_size}")
-    train = PackedDataset.from_corpus(corpus, tok, d["seq_len"], "train", seed=seed)
-    val = PackedDataset.from_corpus(corpus, tok, d["seq_len"], "val", seed=seed, shuffle=False)
+    mix = d.get("mix") or [{"source": "corpus", "seq_len": d["seq_len"], "batch_size": recipe["train"]["batch_size"]}]
+    train = Mixture([(_component(c, corpus, tok, seed, True), c.get("batch_size", recipe["train"]["batch_size"]),
+                      c.get("weight", 1)) for c in mix])
+    val = _component({"source": "corpus", "split": "val", "seq_len": d["seq_len"], **(d.get("val") or {})},
+                     corpus, tok, seed, False)
     return train, val
 
 
@@ -397,6 +418,8 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
     np.random.seed(t["seed"])
     if ckpt is not None:
         model = checkpoint.load(ckpt, dtype=torch.float32, device=device).train()
+    elif recipe.get("init"):              # continued training (long-context stage, SFT) from a model dir
+        model = checkpoint.load(recipe["init"], dtype=torch.float32, device=device).train()
     else:
         model = NemotronHForCausalLM(model_config(recipe)).to(device).train()
     cfg = model.config
@@ -431,8 +454,7 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
                 else {"broadcast_buffers": False})
         net = DDP(lossm, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused, **sync)
-    B, A, T, D = t["batch_size"], t["grad_accum"], d["seq_len"], lossm.depths
-    step_tokens = B * A * T * world
+    B, A, D = t["batch_size"], t["grad_accum"], lossm.depths
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)) \
         if t["precision"] == "bf16" else nullcontext
     n_moe_calls = cfg.pattern.count("E") + D * cfg.mtp_pattern.count("E")   # the MTP MoE runs once per depth
@@ -445,9 +467,10 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
                     json.loads(ln).get("step", 0) <= state["step"]]
         log_path.write_text("".join(ln + "\n" for ln in keep))
         (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=1))
-        print(f"model {model.num_parameters() / 1e6:.2f}M params | {world} rank(s) x {B} x {A} accum x {T} = "
-              f"{step_tokens} tokens/step | {t['precision']} on {device} | "
-              f"{len(train_ds)} train rows, {train_ds.steps_per_epoch(B * A, world)} steps/epoch", file=sys.stderr)
+        shapes = " + ".join(f"{w} x ({b} x {ds.seq_len})" for ds, b, w in train_ds.components)
+        print(f"model {model.num_parameters() / 1e6:.2f}M params | {world} rank(s) x {A} accum x [{shapes}] per "
+              f"{len(train_ds.cycle)} steps | {t['precision']} on {device} | "
+              f"{len(train_ds)} train rows, {train_ds.steps_per_epoch(world) // A} steps/epoch", file=sys.stderr)
         if nvfp4_plan is not None:
             hp = sorted({v for v in nvfp4_plan.values() if v != "nvfp4"})
             print(f"nvfp4: {sum(v == 'nvfp4' for v in nvfp4_plan.values())} of {len(nvfp4_plan)} linears/expert "
@@ -487,13 +510,14 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
     try:
         while step < end:
             t0 = time.perf_counter()
-            micro = [train_ds.batch(step * A + j, B, rank, world) for j in range(A)]
+            micro = [train_ds.batch(step * A + j, rank, world) for j in range(A)]
+            step_tokens = sum(x.numel() for x, _ in micro) * world
             norm = torch.zeros(D + 2, device=device)
             for _, y in micro:
                 norm[0] += (y != IGNORE).sum()
                 for k in range(1, D + 1):
                     norm[k] += (mtp_labels(y, k) != IGNORE).sum()
-            norm[-1] = B * len(micro) * n_moe_calls
+            norm[-1] = sum(x.shape[0] for x, _ in micro) * n_moe_calls
             if ddp:
                 dist.all_reduce(norm)
             lossm.record(True)
