@@ -344,3 +344,19 @@ def test_surgery_keeps_matching_tensors_and_reinitialises_the_rest():
         if k not in new:
             assert torch.equal(v, old[k]), k
     assert not torch.equal(sd["backbone.layers.4.mixer.up_proj.weight"], old["backbone.layers.4.mixer.up_proj.weight"])
+
+
+def test_unpacked_documents_get_a_row_each(data_dirs, tmp_path):
+    from nemotron3.train.pretrain import _component
+    from nemotron3.train.tokenizer import load_tokenizer
+    tok = load_tokenizer(data_dirs / "tok")
+    texts = ["alpha beta gamma", "one two three four five six seven eight nine ten " * 4, "x"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ds = _component({"source": str(tmp_path / "d.jsonl"), "seq_len": 24, "pack": False}, None, tok, 0, False)
+    x, y = ds.rows(range(3))
+    for i, t in enumerate(texts):
+        ids = tok.encode(t, parse_special=False)[:23]
+        assert x[i, :len(ids)].tolist() == ids                        # each document starts its own row
+        n = len(ids)
+        assert y[i, :n - 1].tolist() == ids[1:]                       # learned: the document's own next tokens
+        assert (y[i, n:] == -100).all()                               # padding and the next row's start are not

@@ -68,9 +68,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # ----------------------------------------------------------------------------------------------------
 
 def load_recipe(path, overrides: dict | None = None) -> dict:
-    """Recipe JSON -> {model, data, train, out_dir} with defaults; `overrides` maps "train.lr" -> value."""
+    """Recipe JSON -> {model, data, train, out_dir, ...} with defaults (other top-level keys, e.g. `init` or a
+    stage's own section, are kept); `overrides` maps "train.lr" -> value."""
     r = json.loads(Path(path).read_text()) if path is not None else {}
-    r = {"model": dict(r.get("model", {})), "data": {**DATA_DEFAULTS, **r.get("data", {})},
+    r = {**r, "model": dict(r.get("model", {})), "data": {**DATA_DEFAULTS, **r.get("data", {})},
          "train": {**TRAIN_DEFAULTS, **r.get("train", {})}, "out_dir": r.get("out_dir", "runs/out")}
     for key, value in (overrides or {}).items():
         *parents, leaf = key.split(".")
@@ -294,10 +295,26 @@ def export(ckpt_dir, model_dir, dtype="bfloat16", tokenizer_dir=None) -> Path:
 
 def _component(spec: dict, corpus: Path, tok, seed: int, shuffle: bool):
     """One PackedDataset from a data spec: source "corpus" (the recipe's corpus dir) or another corpus dir
-    (both read `split`, default train), a documents `.jsonl`, or a token stream `.npy` (optionally with a `mask` `.npy` of the same length: 1 = learn this token)."""
+    (both read `split`, default train), a documents `.jsonl`, or a token stream `.npy` (optionally with a
+    `mask` `.npy` of the same length: 1 = learn this token). `"pack": false` (documents only) gives every
+    document a row of its own (cut to seq_len, padded, pad targets masked), so a document that must be seen
+    whole (a retrieval document whose questions come at its end) never straddles two rows."""
+    from .corpus import iter_documents
     from .data import PackedDataset, load_tokens
     src, T = spec.get("source", "corpus"), spec["seq_len"]
-    if src == "corpus" or Path(src).is_dir() or str(src).endswith(".jsonl"):
+    is_docs = src == "corpus" or Path(src).is_dir() or str(src).endswith(".jsonl")
+    if is_docs and spec.get("pack", True) is False:
+        path = Path(corpus if src == "corpus" else src)
+        path = path / f"{spec.get('split', 'train')}.jsonl" if path.is_dir() else path
+        docs = tok.encode_batch([d["text"] for d in iter_documents(path)], parse_special=False)
+        tokens = np.full(len(docs) * T + 1, tok.pad_id, dtype=np.int32)
+        mask = np.zeros(len(tokens), dtype=np.uint8)
+        for i, ids in enumerate(docs):
+            ids = ids[:T - 1] + [tok.eos_id]
+            tokens[i * T:i * T + len(ids)] = ids
+            mask[i * T + 1:i * T + len(ids)] = 1
+        return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
+    if is_docs:
         tokens = load_tokens(corpus if src == "corpus" else src, tok, spec.get("split", "train"))
     elif str(src).endswith(".npy"):
         tokens = np.load(src, allow_pickle=False)
@@ -582,6 +599,18 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
     return {"step": step, "val_loss": val, "stopped": stop.flag}
 
 
+def parse_overrides(pairs) -> dict:
+    """`--set KEY=VALUE` pairs -> {KEY: JSON value (or the raw string when it is not JSON)}."""
+    over = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        try:
+            over[k] = json.loads(v)
+        except json.JSONDecodeError:
+            over[k] = v
+    return over
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m nemotron3.train", description=__doc__.split("\n")[0])
     ap.add_argument("recipe", help="recipe JSON (model / data / train / out_dir)")
@@ -596,13 +625,7 @@ def main(argv=None):
     ap.add_argument("--export", action="store_true", help="only export OUT_DIR/checkpoint to OUT_DIR/model (bf16)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    over = {}
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        try:
-            over[k] = json.loads(v)
-        except json.JSONDecodeError:
-            over[k] = v
+    over = parse_overrides(a.set)
     if a.out_dir:
         over["out_dir"] = a.out_dir
     if a.precision:
