@@ -3,6 +3,9 @@
     nemotron3 info PRESET|PATH [--json] [--context N] [--recipe nvfp4|nvfp4-mixed]   parameter / memory accounting
     nemotron3 quantize SRC DST --recipe nvfp4|nvfp4-mixed [--calib N]   ModelOpt-format NVFP4/FP8 checkpoint
     nemotron3 generate [--model PATH] "prompt"          generation (greedy, or --temperature/--seed; MTP drafts)
+    nemotron3 eval lm|ruler [MODEL] [...]               held-out LM quality / RULER long-context retrieval
+    nemotron3 eval envs [MODEL] [--envs calc,code,format] [--n 50] [--mode off|regular|medium|budget=N]
+                                                        greedy accuracy on the post-training environments' test split
     nemotron3 train RECIPE.json [...]                   pretraining (see recipes/)
     nemotron3 serve [MODEL] [--port 8000] [...]         OpenAI/Anthropic-compatible server + web chat at /
     nemotron3 chat [MODEL]                              interactive terminal chat (/exit, /reset, /think on|off)
@@ -128,7 +131,7 @@ def cmd_chat(args) -> None:
     from .engine import LLM
     llm = LLM(args.model or default_model(), **_engine_kwargs(args))
     run_chat(llm.engine, system=args.system, thinking=not args.no_thinking, thinking_budget=args.thinking_budget,
-             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, tools=args.tools)
 
 
 def _engine_args(s) -> None:
@@ -141,6 +144,10 @@ def _engine_args(s) -> None:
 
 def cmd_eval(args) -> None:
     """Held-out LM quality on the offline corpus's validation split (built on first use)."""
+    if args.task == "ruler":
+        return cmd_eval_ruler(args)
+    if args.task == "envs":
+        return cmd_eval_envs(args)
     import torch
     from .checkpoint import load
     from .eval.lm import evaluate_lm
@@ -156,6 +163,68 @@ def cmd_eval(args) -> None:
     ds = PackedDataset.from_corpus(corpus, tok, args.seq_len, "val", shuffle=False)
     out = evaluate_lm(model, ds, args.batch_size, args.max_batches, args.mtp_depths)
     print(json.dumps(out, indent=2))
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def cmd_eval_envs(args) -> None:
+    """Greedy per-env accuracy / format-error rate / thinking tokens on the envs' test split (train/rl.evaluate)."""
+    import torch
+    from .engine import LLM
+    from .train.rl import evaluate
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = LLM(args.model, max_num_seqs=args.batch if args.batch > 1 else 32, dtype=args.dtype)
+    report = evaluate(llm, args.envs, args.n, split="test", mode=args.mode, max_tokens=args.max_tokens)
+    report["model"] = str(args.model)
+    print(f"{'env':<8} {'acc':>6} {'fmt_err':>8} {'think_tok':>10} {'gen_tok':>8}   (mode {report['mode']}, n={args.n})")
+    for name, v in report["envs"].items():
+        print(f"{name:<8} {v['accuracy']:>6.3f} {v['format_error_rate']:>8.3f} {v['mean_thinking_tokens']:>10.1f} "
+              f"{v['mean_generated_tokens']:>8.1f}")
+    print(f"{'mean':<8} {report['mean_accuracy']:>6.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def cmd_eval_ruler(args) -> None:
+    """RULER-style retrieval accuracy (task x length) with haystacks from the corpus's validation split."""
+    import torch
+    from .engine import LLM
+    from .eval.ruler import MAX_TOKENS, TASKS, evaluate_ruler, format_table, load_haystack_docs
+    from .train.corpus import build_corpus
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad:
+        raise SystemExit(f"error: unknown RULER task(s) {', '.join(bad)} (tasks: {', '.join(TASKS)})")
+    if not args.lengths or min(args.lengths) < 64:
+        raise SystemExit("error: --lengths must be token counts >= 64")
+    corpus = Path(args.corpus)
+    if not (corpus / "val.jsonl").exists():
+        build_corpus(corpus, sources=args.sources)
+    torch.manual_seed(0)
+    max_len = max(args.lengths) + max(MAX_TOKENS.values()) + 8
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="max_model_len .* exceeds")   # NoPE: the user asked for it
+        llm = LLM(args.model, max_num_seqs=args.batch, max_model_len=max_len, dtype=args.dtype,
+                  enable_prefix_caching=False, max_num_batched_tokens=max(args.prefill_chunk, args.batch + 1))
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    report = evaluate_ruler(llm, load_haystack_docs(corpus, "val"), args.tasks, args.lengths, args.samples,
+                            args.seed, args.batch, log=log)
+    report["model"] = str(args.model)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 def cmd_train(args, rest) -> None:
@@ -221,10 +290,13 @@ def main(argv=None) -> None:
     s.add_argument("--temperature", type=float, default=0.6)
     s.add_argument("--top-p", type=float, default=0.95)
     s.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply (reasoning included)")
+    s.add_argument("--tools", action=argparse.BooleanOptionalAction, default=True,
+                   help="offer the demo calculator and sandboxed python tools and run the model's calls")
     s.set_defaults(fn=cmd_chat)
 
-    s = sub.add_parser("eval", help="held-out loss, perplexity and MTP per-depth accuracy")
-    s.add_argument("task", choices=["lm"])
+    s = sub.add_parser("eval", help="held-out loss/perplexity/MTP accuracy (lm), RULER long-context retrieval "
+                                    "(ruler) or post-training env accuracy (envs)")
+    s.add_argument("task", choices=["lm", "ruler", "envs"])
     s.add_argument("model", nargs="?", default=default_model())
     s.add_argument("--corpus", default=str(Path.home() / ".cache" / "nemotron3" / "corpus"),
                    help="corpus directory (built from the stdlib and local docs if missing)")
@@ -234,6 +306,23 @@ def main(argv=None) -> None:
     s.add_argument("--max-batches", type=int, default=None)
     s.add_argument("--mtp-depths", type=int, default=3)
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g = s.add_argument_group("ruler")
+    g.add_argument("--lengths", type=_csv(int), default=[4096, 16384, 65536, 131072],
+                   help="prompt lengths in tokens, comma-separated (default 4096,16384,65536,131072)")
+    g.add_argument("--tasks", type=_csv(str),
+                   default=["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking"],
+                   help="comma-separated RULER tasks (default: all four)")
+    g.add_argument("--samples", type=int, default=4, help="prompts per (task, length)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", default=None, metavar="OUT", help="write the full report (per-sample outputs) here")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--batch", type=int, default=1, help="prompts decoded together (cache slots; 1 = least memory)")
+    g.add_argument("--prefill-chunk", type=int, default=2048, help="prefill chunk (max_num_batched_tokens)")
+    g = s.add_argument_group("envs (--json, --threads, --batch as above; --batch 1 means 32 slots)")
+    g.add_argument("--envs", type=_csv(str), default=["calc", "code", "format"], help="comma-separated envs")
+    g.add_argument("--n", type=int, default=50, help="test tasks per env")
+    g.add_argument("--mode", default="regular", help="reasoning mode: off | regular | medium | budget=N")
+    g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens per assistant turn")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("train", help="pretrain from a recipe (see recipes/); extra flags go to the trainer")

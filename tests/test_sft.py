@@ -1,0 +1,46 @@
+"""SFT data: token-exact rendering, assistant-only loss mask, masked forced </think>, all modes present."""
+import random
+from pathlib import Path
+
+import numpy as np
+
+from nemotron3.train.envs import get_env
+from nemotron3.train.sft import build_sft_data, encode_conversation, sft_example
+from nemotron3.train.tokenizer import load_tokenizer
+
+PICO = Path(__file__).resolve().parent.parent / "models" / "pico"
+
+
+def test_segments_encode_exactly_and_mask_only_assistant_turns():
+    tok = load_tokenizer(PICO)
+    rng = random.Random(0)
+    im_end, think_close = tok.token_to_id("<|im_end|>"), tok.token_to_id("</think>")
+    for name in ("calc", "code", "format"):
+        env = get_env(name)
+        for i, mode in enumerate(["think", "off", "budget", "medium"]):
+            task = env.task("train", i)
+            msgs, thinking, forced = sft_example(env, task, mode, rng)
+            conv = list(task.messages) + msgs
+            ids, mask = encode_conversation(tok, conv, task.tools, thinking, {len(task.messages) + j for j in forced})
+            text = tok.apply_chat_template(conv, tools=task.tools, add_generation_prompt=False, tokenize=False,
+                                           enable_thinking=thinking)
+            assert ids == tok.encode(text)                                    # same tokens as one encode
+            learned = tok.decode([t for t, m in zip(ids, mask) if m])
+            n_turns = sum(m["role"] == "assistant" for m in conv)
+            assert sum(t == im_end and m for t, m in zip(ids, mask)) == n_turns   # every turn's end is learned
+            assert "<|im_start|>" not in learned and "<tool_response>" not in learned
+            assert task.messages[-1]["content"] not in learned                    # the prompt is not learned
+            closes = [m for t, m in zip(ids, mask) if t == think_close]
+            if mode == "budget" and thinking and forced:
+                assert closes[0] == 0 and all(closes[1:])                          # only the forced close is masked
+            elif mode != "off":
+                assert all(closes)
+
+
+def test_build_sft_data_writes_aligned_streams(tmp_path):
+    stats = build_sft_data(tmp_path, PICO, envs=["calc", "format"], train_per_env=6, val_per_env=2, seed=1)
+    for split in ("train", "val"):
+        t, m = np.load(tmp_path / f"{split}.tokens.npy"), np.load(tmp_path / f"{split}.mask.npy")
+        assert t.shape == m.shape and stats[split]["tokens"] == len(t)
+        assert 0 < m.sum() < len(m) and stats[split]["assistant_tokens"] == int(m.sum())
+    assert sum(stats["train"]["modes"].values()) == 12
