@@ -23,6 +23,7 @@ import os
 import random
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,12 @@ class LLMEngine:
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_model_len > cfg.max_position_embeddings:
+            # NoPE attention and Mamba have no position table: a longer context runs, and whether the model
+            # generalises to it is the user's call (as vLLM's max_model_len override)
+            warnings.warn(f"max_model_len {self.max_model_len} exceeds the config's max_position_embeddings "
+                          f"({cfg.max_position_embeddings}); the model has no positional limit (NoPE + Mamba) "
+                          f"but was trained on shorter sequences", stacklevel=3)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         need = max_num_seqs * (1 + k)
@@ -114,6 +121,7 @@ class LLMEngine:
         self.medium_thinking_budget = medium_thinking_budget
         self.cache = HybridCache(cfg, max_num_seqs, max_len=min(self.max_model_len + k, 256),
                                  dtype=model.dtype, device=model.device)
+        self.cache.capacity_limit = self.max_model_len + k
         self.prefix_cache = PrefixCache(prefix_cache_bytes, block_size) if enable_prefix_caching else None
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, k,
                                    block_size if enable_prefix_caching else None,
@@ -257,6 +265,8 @@ class LLMEngine:
         n = seq.num_computed
         if self.prefix_cache is None or n == 0 or seq.last_hidden is None:
             return
+        if self.cache.slot_nbytes(n)["total"] > self.prefix_cache.max_bytes:
+            return                     # would be rejected: skip the O(length) snapshot (long prompts)
         tokens = seq.all_ids()[:n]
         if self.prefix_cache.has(tokens):
             return

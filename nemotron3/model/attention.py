@@ -4,15 +4,21 @@ Nemotron-H attention has no RoPE (the `rope_theta` in configs is a dead field), 
 q/k/v/o projections, softmax(q k^T / sqrt(head_dim)) with a causal mask, KV head j serving query heads
 j*(n_q/n_kv) .. (j+1)*(n_q/n_kv)-1. The Mamba layers carry position. `scaled_dot_product_attention`
 with `enable_gqa` avoids materialising repeated K/V, and its fused CPU kernel avoids a T x T score
-matrix for plain causal prefill.
+matrix for plain causal prefill. Chunked prefill (new queries after a cached prefix) runs the fused kernel
+on the prefix and on the chunk separately and merges them by log-sum-exp (`prefix_causal_attention`), so a
+128K context never materialises a [chunk, 128K] mask or score matrix on CPU; ragged batches (rows at
+different positions: continuous-batching decode, speculative verification) keep an explicit bool mask.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import NemotronConfig
+from .cache import PrefixCausal
 
 
 class Attention(nn.Module):
@@ -39,6 +45,51 @@ class Attention(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             keep = causal[None, None] & pad_mask.bool()[:, None, None, :]
             mask = keep | torch.eye(T, dtype=torch.bool, device=x.device)  # padded queries see themselves
+        if isinstance(mask, PrefixCausal):
+            if q.device.type == "cpu":
+                o = prefix_causal_attention(q, k.to(q.dtype), v.to(q.dtype), mask.prefix)
+                return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+            mask = prefix_causal_mask(T, k.shape[2], mask.prefix, x.device)
+        if mask is None and T == 1 and self.n_q != self.n_kv:
+            # one query per row sees every key: fold each KV group's query heads into the query axis, so
+            # the fused kernel reads the cached K/V once per KV head (enable_gqa reads them once per query
+            # head: 2x slower at 16K+ keys on CPU, where decode attention is memory-bound)
+            rep = self.n_q // self.n_kv
+            o = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, rep, self.head_dim), k.to(q.dtype),
+                                               v.to(q.dtype))
+            return self.o_proj(o.reshape(B, 1, -1))
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            is_causal=mask is None and T > 1, enable_gqa=self.n_q != self.n_kv)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+def prefix_causal_mask(T: int, S: int, prefix: int, device) -> torch.Tensor:
+    """Bool mask [1, 1, T, S]: query i (position prefix + i) sees keys j <= prefix + i."""
+    return (torch.arange(S, device=device)[None, :] <= prefix + torch.arange(T, device=device)[:, None])[None, None]
+
+
+def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Attention of T new queries (positions prefix..prefix+T-1) over `prefix` cached keys (all visible)
+    and the T new keys (causal), without materialising a [T, S] mask or score matrix: the fused CPU flash
+    kernel runs on each part and returns its log-sum-exp, and the two partial softmaxes are merged exactly
+    (out = (e^lse1 out1 + e^lse2 out2) / (e^lse1 + e^lse2)). q [B, Hq, T, D], k/v [B, Hkv, prefix + T, D]
+    (GQA: the prefix part folds each group's query heads into the query axis, so cached K/V are never
+    repeated; the causal part is T keys long and repeats them)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    rep = Hq // Hkv
+    scale = 1.0 / math.sqrt(D)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kn, vn = k[:, :, prefix:prefix + T], v[:, :, prefix:prefix + T]
+    if rep > 1:
+        kn, vn = kn.repeat_interleave(rep, dim=1), vn.repeat_interleave(rep, dim=1)
+    o2, l2 = flash(q, kn, vn, 0.0, True, scale=scale)                      # [B, Hq, T, D], [B, Hq, T]
+    if prefix == 0:
+        return o2
+    qg = q.reshape(B, Hkv, rep * T, D)                                      # heads j*rep..j*rep+rep-1 share kv j
+    o1, l1 = flash(qg, k[:, :, :prefix], v[:, :, :prefix], 0.0, False, scale=scale)
+    o1, l1 = o1.reshape(B, Hq, T, D), l1.reshape(B, Hq, T)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    o = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
+    return o.to(q.dtype)

@@ -48,6 +48,9 @@ class HybridCache:
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        # K/V buffers grow by doubling but never past this many positions (the engine sets max_model_len
+        # + drafts), so a 128K context does not reserve 256K; None = unbounded doubling
+        self.capacity_limit: int | None = None
         for i, kind in self._layers():
             if kind == "M":
                 self.conv[i] = torch.zeros(num_slots, c.mamba_conv_dim, c.conv_kernel - 1, dtype=dtype, device=device)
@@ -155,7 +158,10 @@ class HybridCache:
         for store in (self.k, self.v):
             for i, buf in store.items():
                 if buf.shape[2] < needed:
-                    new = buf.new_zeros(buf.shape[0], buf.shape[1], max(needed, 2 * buf.shape[2]), buf.shape[3])
+                    size = max(needed, 2 * buf.shape[2])
+                    if self.capacity_limit is not None:
+                        size = max(needed, min(size, self.capacity_limit))
+                    new = buf.new_zeros(buf.shape[0], buf.shape[1], size, buf.shape[3])
                     new[:, :, : buf.shape[2]] = buf
                     store[i] = new
 
@@ -178,6 +184,13 @@ class SlotState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.conv, self.ssm, self.k, self.v) for t in d.values())
+
+
+@dataclass(frozen=True)
+class PrefixCausal:
+    """Mask marker from `CacheRows.append_kv`: every row's queries are the `prefix`-th.. positions, so query
+    i sees all `prefix` cached keys and the new keys j <= i (a bottom-right-aligned causal mask)."""
+    prefix: int
 
 
 class CacheRows:
@@ -212,7 +225,9 @@ class CacheRows:
 
     def append_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, n_kv, T, hd] at each row's position; return all keys/values of the rows
-        [B, n_kv, S, hd] and a bool mask [B, 1, T, S] (query i of row b sees keys j <= start_b + i)."""
+        [B, n_kv, S, hd] and the mask: None (plain causal from position 0, or T = 1), `PrefixCausal(start)`
+        when all rows start at the same position (chunked prefill), else a bool mask [B, 1, T, S]
+        (query i of row b sees keys j <= start_b + i)."""
         c = self.cache
         B, _, T, _ = k.shape
         end = int(self.start.max()) + T
@@ -231,6 +246,10 @@ class CacheRows:
         keys, values = kb[self._idx, :, :end], vb[self._idx, :, :end]
         if uniform and (int(self.start[0]) == 0 or T == 1):
             return keys, values, None          # plain causal prefill, or one query that sees every key
+        if uniform:
+            # chunked prefill (all rows at the same position): causal within the chunk, every cached key
+            # visible; `Attention` computes it without a [T, S] mask (see `PrefixCausal`)
+            return keys, values, PrefixCausal(int(self.start[0]))
         q_pos = (self.start[:, None] + torch.arange(T))[:, None, :, None]          # [B,1,T,1]
         mask = torch.arange(end)[None, None, None, :] <= q_pos
         return keys, values, mask.to(c.device)

@@ -37,12 +37,33 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device), 0), -math.inf)
 
 
+SEGMENT_CHUNKS = 32      # ssd_scan works on segments of this many chunks (2048 tokens at chunk_size 64)
+
+
 def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
     """Chunked selective scan without the D skip.
 
     x [b, l, h, p], dt [b, l, h] (after softplus), A [h], B/C [b, l, g, n]; all computed in fp32.
     Returns y [b, l, h, p] (fp32) and the final state [b, h, p, n] (fp32).
+
+    Long inputs are scanned in segments of `SEGMENT_CHUNKS` chunks, each starting from the previous one's
+    final state (the same recurrence the inter-chunk step computes), so the temporaries stay O(segment)
+    -- the inter-chunk decay matrix is [c, c] in the number of chunks c -- and a 128K-token forward
+    needs no more scratch memory than a 2K one.
     """
+    seg = SEGMENT_CHUNKS * chunk_size
+    l = x.shape[1]
+    if l <= seg:
+        return _ssd_segment(x, dt, A, B, C, chunk_size, initial_state)
+    ys, state = [], initial_state
+    for s in range(0, l, seg):
+        y, state = _ssd_segment(x[:, s:s + seg], dt[:, s:s + seg], A, B[:, s:s + seg], C[:, s:s + seg],
+                                chunk_size, state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+def _ssd_segment(x, dt, A, B, C, chunk_size: int, initial_state=None):
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The whole pico pipeline on a CPU, from nothing to the shipped chat model:
+#   data + tokenizer + pretraining -> long-context extension (+ its attention ablation) -> SFT -> GRPO
+#   -> one teacher per domain -> MOPD -> MTP boosting -> export + NVFP4 -> evaluation tables.
+# Every stage checkpoints atomically; rerunning the script resumes the stage that was interrupted and skips
+# finished ones (a stage is finished when OUT_DIR/model exists). Measured durations: README "Post-training".
+# Usage: bash scripts/pico_pipeline.sh [EVAL_DIR]      (THREADS=1 by default: one thread per job is fastest
+# on a shared 2-core machine; the two teachers-in-parallel lines below use one core each)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+EVAL=${1:-runs/eval}
+export OMP_NUM_THREADS=${THREADS:-1}
+mkdir -p "$EVAL"
+
+stage() {   # stage NAME OUT_DIR COMMAND...: run (or resume) unless OUT_DIR/model exists, and time it
+  local name=$1 out=$2; shift 2
+  if [ -f "$out/model/model.safetensors" ]; then echo "[$name] done ($out/model)"; return; fi
+  local resume=(); [ -d "$out/checkpoint" ] && resume=(--resume)
+  local t0=$SECONDS
+  "$@" "${resume[@]}" --no-progress
+  echo "[$name] $(( (SECONDS - t0) / 60 )) min" | tee -a "$EVAL/durations.txt"
+}
+
+# 1. corpus, tokenizer, pretraining (the base model; ~90 min on one thread)
+stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --set train.threads=1
+# 2. long-context extension: 8K + 512-token mixture with synthetic retrieval, constant low LR
+stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-longctx.json
+# 2b. the ablation of the seeds' claim: attention layers replaced by fresh Mamba layers, vs re-initialised
+#     attention layers, both trained by the same recipe (train/surgery.py)
+[ -d runs/ablation/noattn-init ] || $PY -m nemotron3.train.surgery runs/pico/model runs/ablation/noattn-init \
+    --pattern MEMMEMEMMEME --mtp-layers 0
+[ -d runs/ablation/reattn-init ] || $PY -m nemotron3.train.surgery runs/pico/model runs/ablation/reattn-init \
+    --fresh 3,8 --mtp-layers 0
+for arm in noattn reattn; do
+  stage "longctx-$arm" runs/ablation/$arm $PY -m nemotron3.train.longctx recipes/pico-longctx.json \
+      --init runs/ablation/$arm-init --out-dir runs/ablation/$arm
+done
+# 3. SFT on the environments' reference episodes (think / off / budget / medium traces)
+stage sft runs/pico-sft $PY -m nemotron3.train.sft recipes/pico-sft.json
+# 4. GRPO over all environments
+stage grpo runs/pico-grpo $PY -m nemotron3.train.rl recipes/pico-grpo.json
+# 5. one teacher per domain (GRPO on its own environment), two at a time
+stage teacher-calc runs/pico-teacher-calc $PY -m nemotron3.train.rl recipes/pico-teacher-calc.json &
+stage teacher-code runs/pico-teacher-code $PY -m nemotron3.train.rl recipes/pico-teacher-code.json
+wait
+stage teacher-format runs/pico-teacher-format $PY -m nemotron3.train.rl recipes/pico-teacher-format.json
+# 6. multi-teacher on-policy distillation
+stage mopd runs/pico-mopd $PY -m nemotron3.train.rl recipes/pico-mopd.json
+# 7. MTP boosting (backbone frozen)
+stage mtp-boost runs/pico-mtp-boost $PY -m nemotron3.train.mtp_boost recipes/pico-mtp-boost.json
+# 8. ship: bf16 chat model + its NVFP4 (mixed recipe) version
+FINAL=runs/pico-mtp-boost/model
+[ -d runs/pico-nvfp4 ] || $PY -m nemotron3.cli quantize "$FINAL" runs/pico-nvfp4 --recipe nvfp4-mixed
+
+# 9. evaluation tables (held-out test split of every environment; RULER before/after the extension + ablation)
+ev() { [ -f "$EVAL/$1.json" ] || $PY -m nemotron3.cli eval envs "$2" --n 50 "${@:3}" --json "$EVAL/$1.json"; }
+ev base runs/pico/model
+ev sft runs/pico-sft/model
+ev grpo runs/pico-grpo/model
+for d in calc code format; do ev "teacher-$d" runs/pico-teacher-$d/model; done
+ev mopd runs/pico-mopd/model
+ev final "$FINAL"
+ev final-nvfp4 runs/pico-nvfp4
+for m in off regular medium budget=8; do ev "mode-${m/=/}" "$FINAL" --mode "$m"; done
+for m in runs/pico/model runs/pico-longctx/model runs/ablation/noattn/model runs/ablation/reattn/model; do
+  n=$(echo "$m" | tr / -)
+  [ -f "$EVAL/ruler-$n.json" ] || $PY -m nemotron3.cli eval ruler "$m" --lengths 4096,16384 --samples 8 \
+      --json "$EVAL/ruler-$n.json"
+done
+echo "pipeline finished; results in $EVAL"
