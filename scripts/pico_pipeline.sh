@@ -26,16 +26,12 @@ stage() {   # stage NAME OUT_DIR COMMAND...: run (or resume) unless OUT_DIR/mode
 stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --set train.threads=1
 # 2. long-context extension: 8K + 512-token mixture with synthetic retrieval, constant low LR
 stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-longctx.json
-# 2b. the ablation of the seeds' claim: attention layers replaced by fresh Mamba layers, vs re-initialised
-#     attention layers, both trained by the same recipe (train/surgery.py)
+# 2b. ablation: the attention layers replaced by fresh Mamba layers (train/surgery.py), same stage recipe;
+#     the controlled from-scratch version of the attention-vs-SSM recall test is bench/recall_ablation.py
 [ -d runs/ablation/noattn-init ] || $PY -m nemotron3.train.surgery runs/pico/model runs/ablation/noattn-init \
     --pattern MEMMEMEMMEME --mtp-layers 0
-[ -d runs/ablation/reattn-init ] || $PY -m nemotron3.train.surgery runs/pico/model runs/ablation/reattn-init \
-    --fresh 3,8 --mtp-layers 0
-for arm in noattn reattn; do
-  stage "longctx-$arm" runs/ablation/$arm $PY -m nemotron3.train.longctx recipes/pico-longctx.json \
-      --init runs/ablation/$arm-init --out-dir runs/ablation/$arm
-done
+stage longctx-noattn runs/ablation/noattn $PY -m nemotron3.train.longctx recipes/pico-longctx.json \
+    --init runs/ablation/noattn-init --out-dir runs/ablation/noattn
 # 3. SFT on the environments' reference episodes (think / off / budget / medium traces)
 stage sft runs/pico-sft $PY -m nemotron3.train.sft recipes/pico-sft.json
 # 4. GRPO over all environments
@@ -63,7 +59,7 @@ ev mopd runs/pico-mopd/model
 ev final "$FINAL"
 ev final-nvfp4 runs/pico-nvfp4
 for m in off regular medium budget=8; do ev "mode-${m/=/}" "$FINAL" --mode "$m"; done
-for m in runs/pico/model runs/pico-longctx/model runs/ablation/noattn/model runs/ablation/reattn/model; do
+for m in runs/pico/model runs/pico-longctx/model runs/ablation/noattn/model; do
   n=$(echo "$m" | tr / -)
   [ -f "$EVAL/ruler-$n.json" ] || $PY -m nemotron3.cli eval ruler "$m" --lengths 4096,16384 --samples 8 \
       --json "$EVAL/ruler-$n.json"

@@ -124,7 +124,8 @@ class HybridCache:
 
     def restore(self, slot: int, st: "SlotState") -> None:
         """Load a snapshot into `slot` (any slot of a cache with the same config) and set its lengths."""
-        self.ensure_capacity(max(st.length, st.mtp_length))
+        for i in self.k:
+            self.ensure_capacity(st.mtp_length if self.is_mtp_layer(i) else st.length, i)
         for i in self.conv:
             self.conv[i][slot] = st.conv[i]
             self.ssm[i][slot] = st.ssm[i]
@@ -153,11 +154,12 @@ class HybridCache:
         kv = sum(t.shape[1] * t.shape[3] * t.element_size() * length for t in (*self.k.values(), *self.v.values()))
         return {"mamba": mamba, "kv": kv, "total": mamba + kv}
 
-    def ensure_capacity(self, needed: int) -> None:
-        """Grow the K/V buffers (doubling) so every slot can hold `needed` positions."""
+    def ensure_capacity(self, needed: int, layer: int | None = None) -> None:
+        """Grow the K/V buffers (doubling) so every slot can hold `needed` positions: one layer's (what a
+        forward writes; the MTP block's buffers stay small when nothing drafts) or, by default, all."""
         for store in (self.k, self.v):
             for i, buf in store.items():
-                if buf.shape[2] < needed:
+                if (layer is None or i == layer) and buf.shape[2] < needed:
                     size = max(needed, 2 * buf.shape[2])
                     if self.capacity_limit is not None:
                         size = max(needed, min(size, self.capacity_limit))
@@ -231,7 +233,7 @@ class CacheRows:
         c = self.cache
         B, _, T, _ = k.shape
         end = int(self.start.max()) + T
-        c.ensure_capacity(end)
+        c.ensure_capacity(end, layer)
         kb, vb = c.k[layer], c.v[layer]
         uniform = bool((self.start == self.start[0]).all())
         if uniform:
