@@ -1,0 +1,85 @@
+"""Markdown tables from the pipeline's evaluation JSONs (scripts/pico_pipeline.sh writes them to runs/eval/).
+
+    python scripts/results_tables.py [EVAL_DIR]
+
+Prints: held-out accuracy per domain per stage, reasoning modes (accuracy and thinking tokens), NVFP4 vs BF16,
+MTP acceptance before/after boosting, RULER task x length per model. Missing files are skipped.
+"""
+import json
+import sys
+from pathlib import Path
+
+EVAL = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/eval")
+STAGES = [("base (pretrained)", "base"), ("SFT", "sft"), ("GRPO", "grpo"), ("teacher: calc", "teacher-calc"),
+          ("teacher: code", "teacher-code"), ("teacher: format", "teacher-format"), ("MOPD", "mopd"),
+          ("final (MOPD + MTP boost), BF16", "final"), ("final, NVFP4 mixed", "final-nvfp4")]
+MODES = [("off", "mode-off"), ("regular", "mode-regular"), ("medium", "mode-medium"), ("budget = 8 tokens", "mode-budget8")]
+
+
+def load(name):
+    p = EVAL / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def env_table(rows, extra_cols=False):
+    envs = None
+    out = []
+    for label, name in rows:
+        r = load(name)
+        if r is None:
+            continue
+        if envs is None:
+            envs = list(r["envs"])
+            head = "| model | " + " | ".join(envs) + " | mean | format errors |"
+            if extra_cols:
+                head = "| mode | " + " | ".join(f"{e} acc / think tok" for e in envs) + " | mean acc | mean gen tok |"
+            out += [head, "|" + "---|" * (len(envs) + 3)]
+        e = r["envs"]
+        if extra_cols:
+            gen = sum(e[x]["mean_generated_tokens"] for x in envs) / len(envs)
+            out.append(f"| {label} | " + " | ".join(f"{e[x]['accuracy']:.2f} / {e[x]['mean_thinking_tokens']:.0f}"
+                                                     for x in envs) + f" | {r['mean_accuracy']:.3f} | {gen:.0f} |")
+        else:
+            fe = sum(e[x]["format_error_rate"] for x in envs) / len(envs)
+            out.append(f"| {label} | " + " | ".join(f"{e[x]['accuracy']:.2f}" for x in envs)
+                       + f" | {r['mean_accuracy']:.3f} | {fe:.2f} |")
+    if envs:
+        n = load(next(name for _, name in rows if load(name)))["n_per_env"]
+        out.append(f"\n(greedy, held-out test split, n = {n} per domain)")
+    return "\n".join(out)
+
+
+def ruler_table():
+    out = []
+    for p in sorted(EVAL.glob("ruler-*.json")):
+        r = json.loads(p.read_text())
+        lengths = [str(x) for x in r["lengths"]]
+        out += [f"\n`{r.get('model', p.stem)}` ({r['samples']} samples per cell)\n",
+                "| task | " + " | ".join(f"{int(x) // 1024}K" for x in lengths) + " |",
+                "|" + "---|" * (len(lengths) + 1)]
+        for task, by_len in r["results"].items():
+            out.append(f"| {task} | " + " | ".join(f"{by_len[x]['accuracy']:.2f}" if x in by_len else "-"
+                                                   for x in lengths) + " |")
+    return "\n".join(out)
+
+
+def main():
+    print("### Held-out accuracy per stage\n")
+    print(env_table(STAGES))
+    print("\n### Reasoning modes (final model)\n")
+    print(env_table(MODES, extra_cols=True))
+    acc = EVAL / "mtp-acceptance.json"
+    if acc.exists():
+        a = json.loads(acc.read_text())
+        print("\n### MTP acceptance\n")
+        print("| | acceptance rate | mean accepted length |\n|---|---|---|")
+        for k in ("before", "after"):
+            if k in a:
+                print(f"| {k} boosting | {a[k]['acceptance_rate']:.3f} | {a[k]['mean_accepted_length']:.2f} |")
+    rt = ruler_table()
+    if rt:
+        print("\n### RULER-style retrieval\n" + rt)
+
+
+if __name__ == "__main__":
+    main()
