@@ -141,13 +141,13 @@ class DecodePlan:
 
     def _mamba(self, m: Mamba2Mixer, nw):
         c = self.config
-        w = m.conv1d.weight.detach().float()[:, 0]                                       # [C, K]
+        w = m.conv1d.weight.detach().float()[:, 0].t()                                   # [K, C]
         if m.conv1d.bias is not None:
-            w = torch.cat([w, m.conv1d.bias.detach().float()[:, None]], 1)              # bias as a 5th tap
+            w = torch.cat([w, m.conv1d.bias.detach().float()[None]], 0)                 # bias as a 5th tap
         lo, hi = c.time_step_limit
         return dict(
             W_in=_t(m.in_proj.weight, nw), b_in=_bias(m.in_proj), conv_w=w.contiguous(),
-            conv_bias=m.conv1d.bias is not None, one=torch.ones(m.conv_dim, 1),
+            conv_bias=m.conv1d.bias is not None, one=torch.ones(1, m.conv_dim),
             dt_bias=m.dt_bias.detach().float(), A=-torch.exp(m.A_log.detach().float()),
             D=m.D.detach().float()[:, None],
             W_out=_t(m.out_proj.weight, m.norm.weight), b_out=_bias(m.out_proj),
@@ -193,10 +193,12 @@ class DecodePlan:
         P, G, N, K = p["P"], p["G"], p["N"], p["K"]
         zx = self._lin_in(h, s, p["W_in"], p["b_in"])[0]
         z, xBC, dt = zx[:di], zx[di:di + C], zx[di + C:]
-        parts = [conv_state, xBC[:, None], p["one"]] if p["conv_bias"] else [conv_state, xBC[:, None]]
-        window = torch.cat(parts, 1)                                          # [C, K (+1)]
-        xBC = F.silu(torch.linalg.vecdot(window, p["conv_w"]))
-        conv_state.copy_(window[:, 1:K])
+        # window as [K (+1), C]: the tap sum then reduces over a non-inner dim, vectorised along channels
+        # (~2x faster than reducing the cache's [C, K-1] layout over its 3-4 wide inner dim)
+        parts = [conv_state.t(), xBC[None], p["one"]] if p["conv_bias"] else [conv_state.t(), xBC[None]]
+        window = torch.cat(parts, 0)                                          # [K (+1), C]
+        xBC = F.silu(torch.linalg.vecdot(window, p["conv_w"], dim=0))
+        conv_state.copy_(window[1:K].t())
         dt = F.softplus(dt + p["dt_bias"])
         if p["dt_min"] is not None:
             dt = dt.clamp_(min=p["dt_min"])
