@@ -8,7 +8,9 @@
 An engine step (`LLMEngine.step`) runs what the scheduler picked: all decoding sequences in one batched
 forward over their cache slots (with MTP speculation: one verify forward of k+1 positions per sequence,
 then the MTP drafts), then the prefill chunks, then samples, detokenizes, checks stop conditions and frees
-the slots of finished sequences. Everything runs under `torch.inference_mode`.
+the slots of finished sequences. Everything runs under `torch.inference_mode`. A decode step with a single
+running sequence (and no speculation) goes through `model/decode.py`'s `DecodePlan` on fp32 CPU models
+(`fast_decode=False` turns it off).
 
 Per-sequence invariants between steps (they make prefix-cache snapshots and speculation compose):
 `cache.lengths[slot] == num_computed` (tokens fed through the backbone; in decode that is every token
