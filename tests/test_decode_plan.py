@@ -54,13 +54,16 @@ def test_engine_rebuilds_plan_after_weight_update():
     assert llm.engine._plan is not plan
 
 
-def test_fallbacks():
+def test_fallbacks(monkeypatch):
     model = tiny_model(4)
     model.moe_layers()[0].record_router = True                          # training-time hook: generic path
     assert not supported(model)
     model.moe_layers()[0].record_router = False
     assert supported(model)
     assert not supported(tiny_model(4).to(torch.bfloat16))
+    monkeypatch.setattr("nemotron3.model.decode.MAX_WEIGHT_BYTES", 1000)
+    assert not supported(model)
+    monkeypatch.undo()
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     a = LLM(model, max_num_seqs=1, fast_decode=False).generate([[4, 5, 6]], greedy)[0].outputs[0].token_ids
     b = LLM(model, max_num_seqs=1).generate([[4, 5, 6]], greedy)[0].outputs[0].token_ids

@@ -19,8 +19,8 @@ path (`DecodePlan.step`) is the generic forward rewritten for the single-token, 
 
 Numerics are the generic path's up to fp32 summation order (tests compare with the full forward at
 1e-4). The copies double the memory of the weights, so the engine builds a plan only for fp32 CPU
-models, and rebuilds it whenever a weight changes (its identity or in-place version), as between RL
-updates. Anything the plan does not cover (batches > 1, speculation, NVFP4 modules, bf16) runs the generic
+models of at most MAX_WEIGHT_BYTES, and rebuilds it whenever a weight changes (its identity or in-place
+version), as between RL updates. Anything the plan does not cover (batches > 1, speculation, NVFP4 modules, bf16) runs the generic
 forward.
 """
 from __future__ import annotations
@@ -52,10 +52,16 @@ def _bias(*mods) -> torch.Tensor | None:
                       for m in mods])[None]
 
 
+MAX_WEIGHT_BYTES = 4 << 30      # the plan copies the weights: no plan for models larger than this
+
+
 def supported(model) -> bool:
-    """The plan covers fp32 CPU models built from the stock modules (not NVFP4 / custom experts)."""
+    """The plan covers fp32 CPU models built from the stock modules (not NVFP4 / custom experts) whose
+    weights fit twice in memory comfortably (<= MAX_WEIGHT_BYTES)."""
     p = model.lm_head.weight
     if p.dtype != torch.float32 or p.device.type != "cpu" or model.config.mamba_ssm_cache_dtype != "float32":
+        return False
+    if sum(q.numel() for q in model.parameters()) * 4 > MAX_WEIGHT_BYTES:
         return False
     for layer in model.backbone.layers:
         m = layer.mixer
@@ -106,7 +112,7 @@ class DecodePlan:
         """Whether a weight changed since the plan was built: `full` also notices replaced parameters."""
         if full:
             return weights_key(self.model) != self.key
-        return any(p._version != v for p, v in zip(self.params, self.versions))
+        return [p._version for p in self.params] != self.versions
 
     # ------------------------------------------------------------------ building
     def _layer(self, blk):
