@@ -20,8 +20,8 @@ path (`DecodePlan.step`) is the generic forward rewritten for the single-token, 
 Numerics are the generic path's up to fp32 summation order (tests compare with the full forward at
 1e-4). The copies double the memory of the weights, so the engine builds a plan only for fp32 CPU
 models of at most MAX_WEIGHT_BYTES, and rebuilds it whenever a weight changes (its identity or in-place
-version), as between RL updates. Anything the plan does not cover (batches > 1, speculation, NVFP4 modules, bf16) runs the generic
-forward.
+version), as between RL updates. Anything the plan does not cover (batches > 1, speculation, NVFP4
+modules, bf16) runs the generic forward.
 """
 from __future__ import annotations
 
