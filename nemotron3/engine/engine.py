@@ -8,7 +8,9 @@
 An engine step (`LLMEngine.step`) runs what the scheduler picked: all decoding sequences in one batched
 forward over their cache slots (with MTP speculation: one verify forward of k+1 positions per sequence,
 then the MTP drafts), then the prefill chunks, then samples, detokenizes, checks stop conditions and frees
-the slots of finished sequences. Everything runs under `torch.inference_mode`.
+the slots of finished sequences. Everything runs under `torch.inference_mode`. A decode step with a single
+running sequence (and no speculation) goes through `model/decode.py`'s `DecodePlan` on fp32 CPU models
+(`fast_decode=False` turns it off).
 
 Per-sequence invariants between steps (they make prefix-cache snapshots and speculation compose):
 `cache.lengths[slot] == num_computed` (tokens fed through the backbone; in decode that is every token
@@ -32,6 +34,7 @@ from typing import AsyncIterator, Sequence as Seq
 import torch
 
 from ..model import HybridCache, NemotronHForCausalLM
+from ..model.decode import DecodePlan, supported as decode_supported
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecAcceptance
 from .prefix_cache import PrefixCache
 from .reasoning import MEDIUM_THINKING_BUDGET, ReasoningTokens, ThinkingBudget, effective_budget
@@ -86,7 +89,7 @@ class LLMEngine:
                  num_speculative_tokens: int = 0, enable_prefix_caching: bool = True,
                  prefix_cache_bytes: int = 256 << 20, block_size: int = 64, seed: int = 0,
                  reasoning_tokens: ReasoningTokens | None = None,
-                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET):
+                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True):
         cfg = model.config
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs!r}")
@@ -147,6 +150,11 @@ class LLMEngine:
         self._touched: dict[str, None] = {}
         self._finished: list[Sequence] = []
         self._head_t, self._head_key = None, None
+        # batch-1 decode fast path (model/decode.py), built on first use for fp32 CPU models; the full
+        # weight check (parameters replaced, not only updated) runs once per added request
+        self.fast_decode = fast_decode
+        self._plan: DecodePlan | None = None
+        self._plan_full_check = True
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """`model.logits`, faster for a few rows: on CPU a GEMV against an [in, out]-contiguous copy of
@@ -194,6 +202,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         text, ids = self.prompt_ids(prompt)
+        self._plan_full_check = True
         P, L = len(ids), self.max_model_len
         if P >= L:
             raise ValueError(f"the prompt has {P} tokens but the model's context (max_model_len) is {L} "
@@ -427,10 +436,29 @@ class LLMEngine:
         dec = None if self.tokenizer is None else (lambda ids: _decode(self.tokenizer, ids, False))
         return logprobs_for(logits, toks, want, dec)
 
+    def _decode_plan(self) -> DecodePlan | None:
+        """The batch-1 decode plan, or None when the model is not one it covers (checked, with the
+        weights' identities, once per added request; in-place weight updates are checked every step)."""
+        if self._plan_full_check:
+            self._plan_full_check = False
+            if not decode_supported(self.model):
+                self._plan = None
+                return None
+            if self._plan is None or self._plan.stale(full=True):
+                self._plan = DecodePlan(self.model)
+        elif self._plan is not None and self._plan.stale(full=False):
+            self._plan = DecodePlan(self.model)
+        return self._plan
+
     def _decode(self, seqs: list[Sequence]) -> None:
         m, dev = self.model, self.model.device
-        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=dev)
-        h = m.hidden_states(ids, self.cache, [s.slot for s in seqs])[:, -1]
+        plan = self._decode_plan() if len(seqs) == 1 and self.fast_decode else None
+        if plan is not None:
+            s = seqs[0]
+            h = plan.step(s.output_ids[-1], self.cache, s.slot)
+        else:
+            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=dev)
+            h = m.hidden_states(ids, self.cache, [s.slot for s in seqs])[:, -1]
         for b, s in enumerate(seqs):
             s.num_computed += 1
             s.last_hidden = h[b]
@@ -603,21 +631,22 @@ class LLM:
     """vLLM-style offline API over `LLMEngine`.
 
     LLM(model_path_or_model, tokenizer=None, max_num_seqs=16, max_model_len=None (config's
-    max_position_embeddings), num_speculative_tokens=0, enable_prefix_caching=True, dtype=None, ...)
+    max_position_embeddings), num_speculative_tokens=0, enable_prefix_caching=True, dtype=None,
+    fast_decode=True (batch-1 decode through `model/decode.py`'s DecodePlan on fp32 CPU models), ...)
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  num_speculative_tokens: int = 0, enable_prefix_caching: bool = True, dtype=None,
                  max_num_batched_tokens: int | None = None, prefix_cache_bytes: int = 256 << 20,
                  block_size: int = 64, seed: int = 0, reasoning_tokens: ReasoningTokens | None = None,
-                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET):
+                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True):
         net, tok = _resolve_model(model, tokenizer, dtype)
         self.engine = LLMEngine(net, tok, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 num_speculative_tokens=num_speculative_tokens,
                                 enable_prefix_caching=enable_prefix_caching, prefix_cache_bytes=prefix_cache_bytes,
                                 block_size=block_size, seed=seed, reasoning_tokens=reasoning_tokens,
-                                medium_thinking_budget=medium_thinking_budget)
+                                medium_thinking_budget=medium_thinking_budget, fast_decode=fast_decode)
         self._counter = 0
 
     @property

@@ -50,6 +50,11 @@ class TopkRouter(nn.Module):
     def forward(self, x: torch.Tensor):
         """x [N, d] -> (scores [N, E] fp32 sigmoid, weights [N, k] fp32, indices [N, k])."""
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        w, idx = self.select(scores)
+        return scores, w, idx
+
+    def select(self, scores: torch.Tensor):
+        """Sigmoid scores [N, E] fp32 -> (routing weights [N, k] fp32, expert indices [N, k])."""
         choice = scores.detach() + self.e_score_correction_bias.float()
         if self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -61,7 +66,7 @@ class TopkRouter(nn.Module):
         w = scores.gather(1, idx)
         if self.norm_topk_prob:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return scores, w * self.scale, idx
+        return w * self.scale, idx
 
 
 class Experts(nn.Module):
