@@ -44,3 +44,15 @@ def test_build_sft_data_writes_aligned_streams(tmp_path):
         assert t.shape == m.shape and stats[split]["tokens"] == len(t)
         assert 0 < m.sum() < len(m) and stats[split]["assistant_tokens"] == int(m.sum())
     assert sum(stats["train"]["modes"].values()) == 12
+
+
+def test_copy_task_learns_only_the_repeated_span():
+    from nemotron3.train.sft import copy_task_stream
+    corpus = np.arange(1000, 6000, dtype=np.int64)          # distinct ids: a repeat is recognisable
+    t, m = copy_task_stream(corpus, rows=8, seq_len=64, seed=3)
+    assert len(t) == len(m) == 8 * 64 + 1 and m.sum() > 0
+    for i in np.nonzero(m)[0]:
+        # a learned token continues a run that already appeared earlier in the row stream, token for token
+        first = np.nonzero(t[:i] == t[i - 1])[0]
+        assert len(first) and t[first[0] + 1] == t[i]
+    assert not m[t == 0].any()
