@@ -32,8 +32,10 @@ stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-long
     --pattern MEMMEMEMMEME --mtp-layers 0
 stage longctx-noattn runs/ablation/noattn $PY -m nemotron3.train.longctx recipes/pico-longctx.json \
     --init runs/ablation/noattn-init --out-dir runs/ablation/noattn
-# 3. SFT on the environments' reference episodes (think / off / budget / medium traces)
+# 3. SFT on the environments' reference episodes (think / off / budget / medium traces), two phases: 400
+#    episodes per domain, then 1500 per domain mixed with the in-context copying curriculum
 stage sft runs/pico-sft $PY -m nemotron3.train.sft recipes/pico-sft.json
+stage sft2 runs/pico-sft2 $PY -m nemotron3.train.sft recipes/pico-sft2.json
 # 4. GRPO over all environments
 stage grpo runs/pico-grpo $PY -m nemotron3.train.rl recipes/pico-grpo.json
 # 5. one teacher per domain (GRPO on its own environment), two at a time
@@ -52,7 +54,8 @@ FINAL=runs/pico-mtp-boost/model
 # 9. evaluation tables (held-out test split of every environment; RULER before/after the extension + ablation)
 ev() { [ -f "$EVAL/$1.json" ] || $PY -m nemotron3.cli eval envs "$2" --n 50 "${@:3}" --json "$EVAL/$1.json"; }
 ev base runs/pico/model
-ev sft runs/pico-sft/model
+ev sft1 runs/pico-sft/model
+ev sft runs/pico-sft2/model
 ev grpo runs/pico-grpo/model
 for d in calc code format; do ev "teacher-$d" runs/pico-teacher-$d/model; done
 ev mopd runs/pico-mopd/model
