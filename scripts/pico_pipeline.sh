@@ -18,24 +18,25 @@ stage() {   # stage NAME OUT_DIR COMMAND...: run (or resume) unless OUT_DIR/mode
   if [ -f "$out/model/model.safetensors" ]; then echo "[$name] done ($out/model)"; return; fi
   local resume=(); [ -d "$out/checkpoint" ] && resume=(--resume)
   local t0=$SECONDS
-  "$@" "${resume[@]}" --no-progress
+  "$@" "${resume[@]}"
   echo "[$name] $(( (SECONDS - t0) / 60 )) min" | tee -a "$EVAL/durations.txt"
 }
 
 # 1. corpus, tokenizer, pretraining (the base model; ~90 min on one thread)
-stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --set train.threads=1
+stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --set train.total_steps=520 \
+    --set train.warmup_steps=50 --set train.mtp_depths=1 --set train.save_every=50 --set train.threads=1 --no-progress
 # 2. long-context extension: 8K + 512-token mixture with synthetic retrieval, constant low LR
-stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-longctx.json
+stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-longctx.json --no-progress
 # 2b. ablation: the attention layers replaced by fresh Mamba layers (train/surgery.py), same stage recipe;
 #     the controlled from-scratch version of the attention-vs-SSM recall test is bench/recall_ablation.py
 [ -d runs/ablation/noattn-init ] || $PY -m nemotron3.train.surgery runs/pico/model runs/ablation/noattn-init \
     --pattern MEMMEMEMMEME --mtp-layers 0
 stage longctx-noattn runs/ablation/noattn $PY -m nemotron3.train.longctx recipes/pico-longctx.json \
-    --init runs/ablation/noattn-init --out-dir runs/ablation/noattn
+    --init runs/ablation/noattn-init --out-dir runs/ablation/noattn --no-progress
 # 3. SFT on the environments' reference episodes (think / off / budget / medium traces), two phases: 400
 #    episodes per domain, then 1500 per domain mixed with the in-context copying curriculum
-stage sft runs/pico-sft $PY -m nemotron3.train.sft recipes/pico-sft.json
-stage sft2 runs/pico-sft2 $PY -m nemotron3.train.sft recipes/pico-sft2.json
+stage sft runs/pico-sft $PY -m nemotron3.train.sft recipes/pico-sft.json --no-progress
+stage sft2 runs/pico-sft2 $PY -m nemotron3.train.sft recipes/pico-sft2.json --no-progress
 # 4. GRPO over all environments
 stage grpo runs/pico-grpo $PY -m nemotron3.train.rl recipes/pico-grpo.json
 # 5. one teacher per domain (GRPO on its own environment), two at a time
@@ -47,12 +48,13 @@ stage teacher-format runs/pico-teacher-format $PY -m nemotron3.train.rl recipes/
 stage mopd runs/pico-mopd $PY -m nemotron3.train.rl recipes/pico-mopd.json
 # 7. MTP boosting (backbone frozen)
 stage mtp-boost runs/pico-mtp-boost $PY -m nemotron3.train.mtp_boost recipes/pico-mtp-boost.json
+cp runs/pico-mtp-boost/acceptance.json "$EVAL/mtp-acceptance.json"
 # 8. ship: bf16 chat model + its NVFP4 (mixed recipe) version
 FINAL=runs/pico-mtp-boost/model
 [ -d runs/pico-nvfp4 ] || $PY -m nemotron3.cli quantize "$FINAL" runs/pico-nvfp4 --recipe nvfp4-mixed
 
 # 9. evaluation tables (held-out test split of every environment; RULER before/after the extension + ablation)
-ev() { [ -f "$EVAL/$1.json" ] || $PY -m nemotron3.cli eval envs "$2" --n 50 "${@:3}" --json "$EVAL/$1.json"; }
+ev() { [ -f "$EVAL/$1.json" ] || $PY -m nemotron3.cli eval envs "$2" --n 30 "${@:3}" --json "$EVAL/$1.json"; }
 ev base runs/pico/model
 ev sft1 runs/pico-sft/model
 ev sft runs/pico-sft2/model
@@ -64,7 +66,11 @@ ev final-nvfp4 runs/pico-nvfp4
 for m in off regular medium budget=8; do ev "mode-${m/=/}" "$FINAL" --mode "$m"; done
 for m in runs/pico/model runs/pico-longctx/model runs/ablation/noattn/model; do
   n=$(echo "$m" | tr / -)
-  [ -f "$EVAL/ruler-$n.json" ] || $PY -m nemotron3.cli eval ruler "$m" --lengths 4096,16384 --samples 8 \
-      --json "$EVAL/ruler-$n.json"
+  [ -f "$EVAL/ruler-$n.json" ] || $PY -m nemotron3.cli eval ruler "$m" --corpus runs/corpus --lengths 4096,16384 \
+      --samples 2 --json "$EVAL/ruler-$n.json"
 done
+[ -f "$EVAL/ruler-long-runs-pico-longctx-model.json" ] || $PY -m nemotron3.cli eval ruler runs/pico-longctx/model \
+    --corpus runs/corpus --lengths 65536,131072 --tasks niah_single --samples 1 \
+    --json "$EVAL/ruler-long-runs-pico-longctx-model.json"
+$PY scripts/results_tables.py "$EVAL" > "$EVAL/tables.md"
 echo "pipeline finished; results in $EVAL"
