@@ -50,17 +50,24 @@ def env_table(rows, extra_cols=False):
 
 
 def ruler_table():
-    out = []
+    """One table: a row per (model, task), a column per length; cells "accuracy (samples)"."""
+    cells, lengths = {}, set()
     for p in sorted(EVAL.glob("ruler-*.json")):
         r = json.loads(p.read_text())
-        lengths = [str(x) for x in r["lengths"]]
-        out += [f"\n`{r.get('model', p.stem)}` ({r['samples']} samples per cell)\n",
-                "| task | " + " | ".join(f"{int(x) // 1024}K" for x in lengths) + " |",
-                "|" + "---|" * (len(lengths) + 1)]
         for task, by_len in r["results"].items():
-            out.append(f"| {task} | " + " | ".join(f"{by_len[x]['accuracy']:.2f}" if x in by_len else "-"
-                                                   for x in lengths) + " |")
-    return "\n".join(out)
+            for length, v in by_len.items():
+                cells[(r.get("model", p.stem), task, int(length))] = (v["accuracy"], len(v["samples"]))
+                lengths.add(int(length))
+    if not cells:
+        return ""
+    lengths = sorted(lengths)
+    out = ["| model | task | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
+           "|" + "---|" * (len(lengths) + 2)]
+    for model, task in sorted({(m, t) for m, t, _ in cells}):
+        row = [f"{cells[(model, task, n)][0]:.2f} ({cells[(model, task, n)][1]})" if (model, task, n) in cells
+               else "-" for n in lengths]
+        out.append(f"| `{model}` | {task} | " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n\n(accuracy (samples per cell); greedy, haystack from the corpus validation split)"
 
 
 def main():
