@@ -84,3 +84,21 @@ def test_pico_calls_the_calculator_through_the_openai_api(pico):
         final = client.chat.completions.create(model="pico", messages=messages, tools=task.tools, temperature=0,
                                                max_tokens=200).choices[0]
         assert final.finish_reason == "stop" and final.message.content.strip()
+
+
+def test_pico_nvfp4_copy_is_quantized_and_close(pico):
+    """models/pico-nvfp4 (nvfp4-mixed, ModelOpt layout) loads into the normal model with packed NVFP4 / FP8
+    modules and predicts like the bf16 model (top-1 agreement on a chat prompt)."""
+    from nemotron3.quant.linear import FP8Linear
+    from nemotron3.quant.quantize import NVFP4Experts
+    path = DEFAULT_MODEL.parent / "pico-nvfp4"
+    q = nemotron3.load(path)
+    kinds = {type(m) for m in q.modules()}
+    assert NVFP4Experts in kinds and FP8Linear in kinds            # the mixed recipe: NVFP4 experts, FP8 linears
+    tok = load_tokenizer(path)
+    text = tok.apply_chat_template([{"role": "user", "content": "Convert 2.5 km to meters."}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        a, b = pico(ids)[0].float(), q(ids)[0].float()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
