@@ -208,8 +208,8 @@ class NemotronHForCausalLM(nn.Module):
 @torch.no_grad()
 def init_weights(model: NemotronHForCausalLM) -> None:
     """Initialisation from scratch, as transformers' `NemotronHPreTrainedModel._init_weights`: normal(0,
-    initializer_range) linears/embeddings/router/experts, A_log = log(1..H), D = 1, dt_bias =
-    softplus^-1(dt) with dt log-uniform in [time_step_min, time_step_max], and `out_proj` scaled by
+    initializer_range) linears/embeddings/router/experts/depthwise conv (zero biases), A_log = log(1..H),
+    D = 1, dt_bias = softplus^-1(dt) with dt log-uniform in [time_step_min, time_step_max], and `out_proj` scaled by
     1/sqrt(num_layers) when `rescale_prenorm_residual`."""
     c = model.config
     std = c.initializer_range
@@ -233,10 +233,12 @@ def init_weights(model: NemotronHForCausalLM) -> None:
             lo, hi = math.log(c.time_step_min), math.log(c.time_step_max)
             dt = torch.exp(torch.rand(H) * (hi - lo) + lo).clamp(min=c.time_step_floor)
             m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            nn.init.kaiming_uniform_(m.conv1d.weight, a=math.sqrt(5))
+            # transformers' base _init_weights: Conv1d like a Linear. (PyTorch's default kaiming init, std ~0.3
+            # for a 4-tap depthwise conv, kept a from-scratch model from learning in-context copying: measured,
+            # tests/test_train.py::test_init_learns_in_context_copying.)
+            m.conv1d.weight.normal_(0.0, std)
             if m.conv1d.bias is not None:
-                bound = 1 / math.sqrt(c.conv_kernel)
-                m.conv1d.bias.uniform_(-bound, bound)
+                m.conv1d.bias.zero_()
     for m in model.modules():
         if isinstance(m, Mamba2Mixer) and c.rescale_prenorm_residual:
             nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5))
