@@ -29,7 +29,7 @@ def env_table(rows, extra_cols=False):
         if r is None:
             continue
         if envs is None:
-            envs = list(r["envs"])
+            envs, n = list(r["envs"]), r["n_per_env"]
             head = "| model | " + " | ".join(envs) + " | mean | format errors |"
             if extra_cols:
                 head = "| mode | " + " | ".join(f"{e} acc / think tok" for e in envs) + " | mean acc | mean gen tok |"
@@ -44,7 +44,6 @@ def env_table(rows, extra_cols=False):
             out.append(f"| {label} | " + " | ".join(f"{e[x]['accuracy']:.2f}" for x in envs)
                        + f" | {r['mean_accuracy']:.3f} | {fe:.2f} |")
     if envs:
-        n = load(next(name for _, name in rows if load(name)))["n_per_env"]
         out.append(f"\n(greedy, held-out test split, n = {n} per domain)")
     return "\n".join(out)
 

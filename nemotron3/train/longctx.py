@@ -12,7 +12,6 @@ trains the ablations (train/surgery.py) for `nemotron3 eval ruler`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -44,19 +43,11 @@ def resolve_retrieval(recipe: dict) -> dict:
 
 
 def main(argv=None):
-    from .pretrain import load_recipe, parse_overrides, train
-    ap = argparse.ArgumentParser(prog="python -m nemotron3.train.longctx", description=__doc__.split("\n")[0])
-    ap.add_argument("recipe")
-    ap.add_argument("--out-dir")
+    from .pretrain import load_recipe, stage_overrides, stage_parser, train
+    ap = stage_parser("python -m nemotron3.train.longctx", __doc__)
     ap.add_argument("--init", help="model dir to extend (overrides the recipe's init)")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
-    ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    over = parse_overrides(a.set)
-    if a.out_dir:
-        over["out_dir"] = a.out_dir
+    over = stage_overrides(a)
     if a.init:
         over["init"] = a.init
     recipe = resolve_retrieval(load_recipe(a.recipe, over))

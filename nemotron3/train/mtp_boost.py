@@ -22,7 +22,6 @@ Design decisions (sources: /work/shared/reference/recipes.md §1.2):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -35,7 +34,8 @@ import torch.nn.functional as F
 
 from .. import checkpoint
 from ..engine import LLM, SamplingParams
-from .pretrain import export, find_checkpoint, load_checkpoint, parse_overrides, save_checkpoint
+from .pretrain import (apply_overrides, export, find_checkpoint, load_checkpoint, save_checkpoint, stage_overrides,
+                       stage_parser)
 from .rollout import prompt_tokens, rollout
 
 BOOST_DEFAULTS = dict(depths=3, steps=200, lr=3e-4, warmup_steps=10, batch_size=8, temperature=2.0,
@@ -51,13 +51,7 @@ def load_recipe(path, overrides: dict | None = None) -> dict:
     r = json.loads(Path(path).read_text()) if path is not None else {}
     r = {"out_dir": "runs/mtp-boost", **r, "boost": {**BOOST_DEFAULTS, **r.get("boost", {})},
          "data": {**DATA_DEFAULTS, **r.get("data", {})}, "acceptance": {**ACCEPT_DEFAULTS, **r.get("acceptance", {})}}
-    for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        d = r
-        for p in parents:
-            d = d[p]
-        d[leaf] = value
-    return r
+    return apply_overrides(r, overrides)
 
 
 def boost_loss(model, ids: torch.Tensor, mask: torch.Tensor, depths: int, T: float = 2.0):
@@ -210,18 +204,10 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nemotron3.train.mtp_boost", description=__doc__.split("\n")[0])
-    ap.add_argument("recipe")
-    ap.add_argument("--out-dir")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
+    ap = stage_parser("python -m nemotron3.train.mtp_boost", __doc__, progress=False)
     args = ap.parse_args(argv)
-    over = parse_overrides(args.set)
-    if args.out_dir:
-        over["out_dir"] = args.out_dir
     try:
-        train(load_recipe(args.recipe, over), resume=args.resume, max_steps=args.max_steps)
+        train(load_recipe(args.recipe, stage_overrides(args)), resume=args.resume, max_steps=args.max_steps)
     except (FileExistsError, ValueError) as e:
         ap.exit(2, f"error: {e}\n")
 

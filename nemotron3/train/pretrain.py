@@ -73,13 +73,19 @@ def load_recipe(path, overrides: dict | None = None) -> dict:
     r = json.loads(Path(path).read_text()) if path is not None else {}
     r = {**r, "model": dict(r.get("model", {})), "data": {**DATA_DEFAULTS, **r.get("data", {})},
          "train": {**TRAIN_DEFAULTS, **r.get("train", {})}, "out_dir": r.get("out_dir", "runs/out")}
+    return apply_overrides(r, overrides)
+
+
+def apply_overrides(recipe: dict, overrides: dict | None) -> dict:
+    """Set dotted keys in place ("train.lr" -> recipe["train"]["lr"]); returns the recipe. Every stage's
+    `load_recipe` applies `--set` with this."""
     for key, value in (overrides or {}).items():
         *parents, leaf = key.split(".")
-        d = r
-        for p in parents:
-            d = d[p]
+        d = recipe
+        for part in parents:
+            d = d[part]
         d[leaf] = value
-    return r
+    return recipe
 
 
 def model_config(recipe: dict) -> NemotronConfig:
@@ -611,23 +617,37 @@ def parse_overrides(pairs) -> dict:
     return over
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nemotron3.train", description=__doc__.split("\n")[0])
-    ap.add_argument("recipe", help="recipe JSON (model / data / train / out_dir)")
+def stage_parser(prog: str, doc: str, progress: bool = True) -> argparse.ArgumentParser:
+    """The arguments every training stage's CLI shares: RECIPE, --out-dir, --resume, --max-steps, --set
+    (and --no-progress where the stage shows a progress bar)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    ap.add_argument("recipe", help="recipe JSON")
     ap.add_argument("--out-dir")
-    ap.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many steps; the LR "
-                    "schedule still spans train.total_steps")
     ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    ap.add_argument("--precision", choices=["fp32", "bf16", "nvfp4"])
-    ap.add_argument("--device", help="cpu (default) or cuda")
+    ap.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many steps; the schedule "
+                    "still spans the recipe's step count")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a recipe value, e.g. --set train.total_steps=3000")
-    ap.add_argument("--export", action="store_true", help="only export OUT_DIR/checkpoint to OUT_DIR/model (bf16)")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
+    if progress:
+        ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def stage_overrides(a: argparse.Namespace) -> dict:
+    """`--set` pairs plus `--out-dir` as recipe overrides."""
     over = parse_overrides(a.set)
     if a.out_dir:
         over["out_dir"] = a.out_dir
+    return over
+
+
+def main(argv=None):
+    ap = stage_parser("python -m nemotron3.train", __doc__)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "nvfp4"])
+    ap.add_argument("--device", help="cpu (default) or cuda")
+    ap.add_argument("--export", action="store_true", help="only export OUT_DIR/checkpoint to OUT_DIR/model (bf16)")
+    a = ap.parse_args(argv)
+    over = stage_overrides(a)
     if a.precision:
         over["train.precision"] = a.precision
     if a.device:

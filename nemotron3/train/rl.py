@@ -32,7 +32,6 @@ Design decisions (sources: /work/shared/reference/recipes.md §4.3-4.4):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -44,7 +43,8 @@ import torch
 
 from .. import checkpoint
 from ..engine import LLM, SamplingParams
-from .pretrain import export, find_checkpoint, load_checkpoint, param_groups, parse_overrides, save_checkpoint
+from .pretrain import (apply_overrides, export, find_checkpoint, load_checkpoint, param_groups, save_checkpoint,
+                       stage_overrides, stage_parser)
 from .rollout import Rollout, rollout
 
 RL_DEFAULTS = dict(
@@ -62,12 +62,7 @@ def load_recipe(path, overrides: dict | None = None) -> dict:
     r = {"mode": "grpo", "envs": list(ENVS_DEFAULT), "teachers": {}, "out_dir": "runs/rl", **r}
     r["rl"] = {**RL_DEFAULTS, **r.get("rl", {})}
     r["warmup_sft"] = {**WARMUP_DEFAULTS, **r.get("warmup_sft", {})}
-    for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        d = r
-        for p in parents:
-            d = d[p]
-        d[leaf] = value
+    apply_overrides(r, overrides)
     if r["mode"] not in ("grpo", "mopd"):
         raise ValueError(f"mode must be 'grpo' or 'mopd', got {r['mode']!r}")
     return r
@@ -431,18 +426,10 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nemotron3.train.rl", description=__doc__.split("\n")[0])
-    ap.add_argument("recipe")
-    ap.add_argument("--out-dir")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="e.g. --set rl.lr=1e-5")
+    ap = stage_parser("python -m nemotron3.train.rl", __doc__, progress=False)
     a = ap.parse_args(argv)
-    over = parse_overrides(a.set)
-    if a.out_dir:
-        over["out_dir"] = a.out_dir
     try:
-        train(load_recipe(a.recipe, over), resume=a.resume, max_steps=a.max_steps)
+        train(load_recipe(a.recipe, stage_overrides(a)), resume=a.resume, max_steps=a.max_steps)
     except (FileExistsError, ValueError) as e:
         ap.exit(2, f"error: {e}\n")
 

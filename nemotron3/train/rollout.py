@@ -26,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..engine.engine import _encode as encode  # the engine's own prompt encoding
 from ..engine.sampling import SamplingParams
 
 IM_END = "<|im_end|>"
@@ -52,13 +53,6 @@ class Rollout:
 def render(tok, messages, tools, thinking: bool, add_generation_prompt: bool) -> str:
     return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                    tokenize=False, enable_thinking=thinking)
-
-
-def encode(tok, text: str) -> list[int]:
-    try:
-        return list(tok.encode(text, add_special_tokens=False))
-    except TypeError:                       # nemotron3.train.tokenizer.Tokenizer never adds BOS
-        return list(tok.encode(text))
 
 
 def prompt_tokens(tok, task, thinking: bool) -> list[int]:

@@ -21,7 +21,6 @@ from `init` (the long-context-extended base); LM + MTP loss, MoE balancing as in
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -183,19 +182,9 @@ def sft_recipe(recipe: dict) -> dict:
 
 
 def main(argv=None):
-    from .pretrain import load_recipe, parse_overrides, train
-    ap = argparse.ArgumentParser(prog="python -m nemotron3.train.sft", description=__doc__.split("\n")[0])
-    ap.add_argument("recipe")
-    ap.add_argument("--out-dir")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    over = parse_overrides(a.set)
-    if a.out_dir:
-        over["out_dir"] = a.out_dir
-    recipe = load_recipe(a.recipe, over)
+    from .pretrain import load_recipe, stage_overrides, stage_parser, train
+    a = stage_parser("python -m nemotron3.train.sft", __doc__).parse_args(argv)
+    recipe = load_recipe(a.recipe, stage_overrides(a))
     train(sft_recipe(recipe), resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress)
 
 
