@@ -51,7 +51,10 @@ def main(argv=None):
     if a.init:
         over["init"] = a.init
     recipe = resolve_retrieval(load_recipe(a.recipe, over))
-    train(recipe, resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress)
+    try:
+        train(recipe, resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress)
+    except (FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,10 @@ def main(argv=None):
     from .pretrain import load_recipe, stage_overrides, stage_parser, train
     a = stage_parser("python -m nemotron3.train.sft", __doc__).parse_args(argv)
     recipe = load_recipe(a.recipe, stage_overrides(a))
-    train(sft_recipe(recipe), resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress)
+    try:
+        train(sft_recipe(recipe), resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress)
+    except (FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":
