@@ -22,21 +22,19 @@ stage() {   # stage NAME OUT_DIR COMMAND...: run (or resume) unless OUT_DIR/mode
   echo "[$name] $(( (SECONDS - t0) / 60 )) min" | tee -a "$EVAL/durations.txt"
 }
 
-# 1. corpus, tokenizer, pretraining (the base model; ~90 min on one thread)
-stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --set train.total_steps=520 \
-    --set train.warmup_steps=50 --set train.mtp_depths=1 --set train.save_every=50 --set train.threads=1 --no-progress
+# 1. corpus, tokenizer, pretraining with the copying curriculum in the mix (the base model; ~60 min, one thread)
+stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --no-progress
 # 2. long-context extension: 8K + 512-token mixture with synthetic retrieval, constant low LR
-stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-longctx.json --no-progress
+stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-longctx.json --no-progress &
 # 2b. ablation: the attention layers replaced by fresh Mamba layers (train/surgery.py), same stage recipe;
 #     the controlled from-scratch version of the attention-vs-SSM recall test is bench/recall_ablation.py
 [ -d runs/ablation/noattn-init ] || $PY -m nemotron3.train.surgery runs/pico/model runs/ablation/noattn-init \
     --pattern MEMMEMEMMEME --mtp-layers 0
 stage longctx-noattn runs/ablation/noattn $PY -m nemotron3.train.longctx recipes/pico-longctx.json \
     --init runs/ablation/noattn-init --out-dir runs/ablation/noattn --no-progress
-# 3. SFT on the environments' reference episodes (think / off / budget / medium traces), two phases: 400
-#    episodes per domain, then 1500 per domain mixed with the in-context copying curriculum
+wait
+# 3. SFT on the environments' reference episodes (think / off / budget / medium traces), 1500 per domain
 stage sft runs/pico-sft $PY -m nemotron3.train.sft recipes/pico-sft.json --no-progress
-stage sft2 runs/pico-sft2 $PY -m nemotron3.train.sft recipes/pico-sft2.json --no-progress
 # 4. GRPO over all environments
 stage grpo runs/pico-grpo $PY -m nemotron3.train.rl recipes/pico-grpo.json
 # 5. one teacher per domain (GRPO on its own environment), two at a time
@@ -56,8 +54,7 @@ FINAL=runs/pico-mtp-boost/model
 # 9. evaluation tables (held-out test split of every environment; RULER before/after the extension + ablation)
 ev() { [ -f "$EVAL/$1.json" ] || $PY -m nemotron3.cli eval envs "$2" --n 30 "${@:3}" --json "$EVAL/$1.json"; }
 ev base runs/pico/model
-ev sft1 runs/pico-sft/model
-ev sft runs/pico-sft2/model
+ev sft runs/pico-sft/model
 ev grpo runs/pico-grpo/model
 for d in calc code format; do ev "teacher-$d" runs/pico-teacher-$d/model; done
 ev mopd runs/pico-mopd/model

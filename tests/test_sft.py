@@ -47,7 +47,7 @@ def test_build_sft_data_writes_aligned_streams(tmp_path):
 
 
 def test_copy_task_learns_only_the_repeated_span():
-    from nemotron3.train.sft import copy_task_stream
+    from nemotron3.train.data import copy_task_stream
     corpus = np.arange(1000, 6000, dtype=np.int64)          # distinct ids: a repeat is recognisable
     t, m = copy_task_stream(corpus, rows=8, seq_len=64, seed=3)
     assert len(t) == len(m) == 8 * 64 + 1 and m.sum() > 0

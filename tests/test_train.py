@@ -331,6 +331,24 @@ def test_mixture_recipe_and_init_continue_from_a_model(data_dirs, tmp_path):
     assert not torch.equal(after.lm_head.weight, first.lm_head.weight)
 
 
+def test_copy_component_in_a_mixture(data_dirs):
+    """{"source": "copy"} adds rows of the copying curriculum (`copy_task_stream`, tested in test_sft) cut
+    from the recipe's corpus, with its loss mask: only the repeated spans are learned."""
+    from nemotron3.train.data import PackedDataset, copy_task_stream, load_tokens
+    from nemotron3.train.tokenizer import load_tokenizer
+    r = load_recipe(RECIPE, {"data.corpus_dir": str(data_dirs / "corpus"), "data.tokenizer_dir": str(data_dirs / "tok")})
+    r["data"]["mix"] = [{"source": "corpus", "seq_len": 32, "batch_size": 2, "weight": 1},
+                        {"source": "copy", "rows": 6, "seq_len": 48, "batch_size": 3, "weight": 1}]
+    train_set, _ = prepare_data(r, r["model"]["vocab_size"])
+    tok = load_tokenizer(data_dirs / "tok")
+    t, m = copy_task_stream(load_tokens(data_dirs / "corpus", tok), 6, 48, r["train"]["seed"])
+    want = PackedDataset(t, 48, tok.eos_id, seed=r["train"]["seed"], shuffle=True, loss_mask=m)
+    x, y = train_set.components[1][0].batch(1, 3)
+    wx, wy = want.batch(1, 3)
+    assert torch.equal(torch.as_tensor(x), torch.as_tensor(wx)) and torch.equal(torch.as_tensor(y), torch.as_tensor(wy))
+    assert (torch.as_tensor(y) == -100).float().mean() > 0.3          # filler and first spans are not learned
+
+
 def test_surgery_keeps_matching_tensors_and_reinitialises_the_rest():
     from helpers import randomize, small_config
     from nemotron3.train.surgery import transplant

@@ -75,6 +75,32 @@ def load_tokens(corpus: str | os.PathLike, tokenizer, split: str = "train", cach
     return tokens
 
 
+def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic in-context copying ("induction") data: rows of `seq_len` tokens made of [span A, filler,
+    span A again] blocks, spans cut from a real token stream (`tokens`, the corpus), loss only on the repeated
+    span after its first token (which is not predictable). Induction heads form after billions of natural-text
+    tokens (Olsson et al. 2022); pico sees ~2M, and its base did not copy at all (loss on the second copy of a
+    repeated sequence equal to the first), while every environment needs copying from the context (question ->
+    tool call -> answer). A data mix adds it as component {"source": "copy", "rows": N, ...}.
+    Returns (tokens, loss mask), both of length rows * seq_len + 1."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(rows * seq_len + 1, dtype=np.int32)
+    mask = np.zeros(len(out), dtype=np.uint8)
+    pos = 0
+    while pos < len(out):
+        a = int(rng.integers(4, 40))
+        f = int(rng.integers(0, 80))
+        start = int(rng.integers(0, len(tokens) - a - f - 1))
+        span, filler = tokens[start:start + a], tokens[start + a:start + a + f]
+        block = np.concatenate([span, filler, span])
+        m = np.zeros(len(block), dtype=np.uint8)
+        m[a + f + 1:] = 1
+        n = min(len(block), len(out) - pos)
+        out[pos:pos + n], mask[pos:pos + n] = block[:n], m[:n]
+        pos += n
+    return out, mask
+
+
 class PackedDataset:
     """Rows of ``seq_len + 1`` tokens cut from one token stream; see module docstring."""
 

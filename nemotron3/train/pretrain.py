@@ -301,13 +301,17 @@ def export(ckpt_dir, model_dir, dtype="bfloat16", tokenizer_dir=None) -> Path:
 
 def _component(spec: dict, corpus: Path, tok, seed: int, shuffle: bool):
     """One PackedDataset from a data spec: source "corpus" (the recipe's corpus dir) or another corpus dir
-    (both read `split`, default train), a documents `.jsonl`, or a token stream `.npy` (optionally with a
-    `mask` `.npy` of the same length: 1 = learn this token). `"pack": false` (documents only) gives every
+    (both read `split`, default train), a documents `.jsonl`, a token stream `.npy` (optionally with a
+    `mask` `.npy` of the same length: 1 = learn this token), or "copy": `rows` rows of the in-context copying
+    curriculum cut from the corpus (`data.copy_task_stream`, seeded by `seed`). `"pack": false` (documents only) gives every
     document a row of its own (cut to seq_len, padded, pad targets masked), so a document that must be seen
     whole (a retrieval document whose questions come at its end) never straddles two rows."""
     from .corpus import iter_documents
-    from .data import PackedDataset, load_tokens
+    from .data import PackedDataset, copy_task_stream, load_tokens
     src, T = spec.get("source", "corpus"), spec["seq_len"]
+    if src == "copy":
+        tokens, mask = copy_task_stream(load_tokens(corpus, tok), spec["rows"], T, spec.get("seed", seed))
+        return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
     is_docs = src == "corpus" or Path(src).is_dir() or str(src).endswith(".jsonl")
     if is_docs and spec.get("pack", True) is False:
         path = Path(corpus if src == "corpus" else src)
@@ -325,7 +329,7 @@ def _component(spec: dict, corpus: Path, tok, seed: int, shuffle: bool):
     elif str(src).endswith(".npy"):
         tokens = np.load(src, allow_pickle=False)
     else:
-        raise ValueError(f"data source must be 'corpus', a corpus dir, a .jsonl or a .npy file, got {src!r}")
+        raise ValueError(f"data source must be 'corpus', 'copy', a corpus dir, a .jsonl or a .npy file, got {src!r}")
     mask = np.load(spec["mask"], allow_pickle=False) if spec.get("mask") else None
     return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
 

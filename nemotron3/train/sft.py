@@ -130,31 +130,6 @@ def build_sft_data(out_dir, tokenizer_dir, envs=SFT_DEFAULTS["envs"], train_per_
     return stats
 
 
-def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic in-context copying ("induction") data: rows of `seq_len` tokens made of [span A, filler,
-    span A again] blocks, spans cut from a real token stream (`tokens`, the corpus), loss only on the repeated
-    span after its first token (which is not predictable). Every environment needs the model to copy numbers
-    and words from its context (question -> tool call -> answer); pico's base, pretrained on 2M tokens, has not
-    formed induction heads yet (copying lowers its loss on a repeated random sequence by <2%), so the SFT mix
-    can add this curriculum component. Returns (tokens, loss mask), both of length rows * seq_len + 1."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros(rows * seq_len + 1, dtype=np.int32)
-    mask = np.zeros(len(out), dtype=np.uint8)
-    pos = 0
-    while pos < len(out):
-        a = int(rng.integers(4, 40))
-        f = int(rng.integers(0, 80))
-        start = int(rng.integers(0, len(tokens) - a - f - 1))
-        span, filler = tokens[start:start + a], tokens[start + a:start + a + f]
-        block = np.concatenate([span, filler, span])
-        m = np.zeros(len(block), dtype=np.uint8)
-        m[a + f + 1:] = 1
-        n = min(len(block), len(out) - pos)
-        out[pos:pos + n], mask[pos:pos + n] = block[:n], m[:n]
-        pos += n
-    return out, mask
-
-
 def sft_recipe(recipe: dict) -> dict:
     """Fill `data` from `sft`: build the data when missing, point the trainer's mixture and val at it."""
     s = {**SFT_DEFAULTS, **recipe.get("sft", {})}
@@ -167,15 +142,8 @@ def sft_recipe(recipe: dict) -> dict:
     recipe["data"]["mix"] = [{"source": str(data_dir / "train.tokens.npy"), "mask": str(data_dir / "train.mask.npy"),
                               "seq_len": T, "batch_size": recipe["train"]["batch_size"], "weight": 2}]
     if s["copy_rows"]:
-        if not (data_dir / "copy.mask.npy").exists():
-            from .data import load_tokens
-            corpus = load_tokens(recipe["data"]["corpus_dir"], load_tokenizer(recipe["data"]["tokenizer_dir"]))
-            t, m = copy_task_stream(corpus, s["copy_rows"], s["copy_seq_len"], s["seed"])
-            np.save(data_dir / "copy.tokens.npy", t, allow_pickle=False)
-            np.save(data_dir / "copy.mask.npy", m, allow_pickle=False)
-        recipe["data"]["mix"].append({"source": str(data_dir / "copy.tokens.npy"), "mask": str(data_dir / "copy.mask.npy"),
-                                      "seq_len": s["copy_seq_len"], "batch_size": s["copy_batch_size"],
-                                      "weight": s["copy_weight"]})
+        recipe["data"]["mix"].append({"source": "copy", "rows": s["copy_rows"], "seq_len": s["copy_seq_len"],
+                                      "batch_size": s["copy_batch_size"], "weight": s["copy_weight"]})
     recipe["data"]["val"] = {"source": str(data_dir / "val.tokens.npy"), "mask": str(data_dir / "val.mask.npy"),
                              "seq_len": T}
     return recipe
