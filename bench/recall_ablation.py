@@ -210,6 +210,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pattern", default="M-*-M-", help="hybrid pattern; the pure arm replaces * by M")
     ap.add_argument("--ssm-state", type=int, default=16)
+    ap.add_argument("--init-range", type=float, default=0.1,
+                    help="initializer_range (std of the normal init); at 0.02 learning is much slower here")
     ap.add_argument("--steps", type=int, default=0, help="training steps per arm (0: from --minutes)")
     ap.add_argument("--minutes", type=float, default=9.0, help="wall budget per arm (slower arm) when --steps=0")
     ap.add_argument("--batch", type=int, default=32)
@@ -232,7 +234,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     set_vocab(args.n_keys, args.n_values)
-    cfgs = arm_configs(args.pattern, ssm_state_size=args.ssm_state)
+    cfgs = arm_configs(args.pattern, ssm_state_size=args.ssm_state, initializer_range=args.init_range)
     cfgs = {k: v for k, v in cfgs.items() if k in args.arms}
     pairs = tuple(args.pairs)
     params = {k: build_model(c, args.seed).num_parameters() for k, c in cfgs.items()}
