@@ -22,7 +22,7 @@ stage() {   # stage NAME OUT_DIR COMMAND...: run (or resume) unless OUT_DIR/mode
   echo "[$name] $(( (SECONDS - t0) / 60 )) min" | tee -a "$EVAL/durations.txt"
 }
 
-# 1. corpus, tokenizer, pretraining with the copying curriculum in the mix (the base model; ~60 min, one thread)
+# 1. corpus, tokenizer, pretraining (the base model; ~60 min on one thread)
 stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --no-progress
 # 2. long-context extension: 8K + 512-token mixture with synthetic retrieval, constant low LR
 stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-longctx.json --no-progress &
