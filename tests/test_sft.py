@@ -3,6 +3,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nemotron3.train.envs import get_env
 from nemotron3.train.sft import build_sft_data, encode_conversation, sft_example
@@ -56,3 +57,5 @@ def test_copy_task_learns_only_the_repeated_span():
         first = np.nonzero(t[:i] == t[i - 1])[0]
         assert len(first) and t[first[0] + 1] == t[i]
     assert not m[t == 0].any()
+    with pytest.raises(ValueError, match="240 tokens"):
+        copy_task_stream(corpus[:100], rows=2, seq_len=64)

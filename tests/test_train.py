@@ -347,6 +347,9 @@ def test_copy_component_in_a_mixture(data_dirs):
     wx, wy = want.batch(1, 3)
     assert torch.equal(torch.as_tensor(x), torch.as_tensor(wx)) and torch.equal(torch.as_tensor(y), torch.as_tensor(wy))
     assert (torch.as_tensor(y) == -100).float().mean() > 0.3          # filler and first spans are not learned
+    r["data"]["mix"][1]["rows"] = 0
+    with pytest.raises(ValueError, match="rows"):
+        prepare_data(r, r["model"]["vocab_size"])
 
 
 def test_surgery_keeps_matching_tensors_and_reinitialises_the_rest():

@@ -83,6 +83,8 @@ def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0)
     repeated sequence equal to the first), while every environment needs copying from the context (question ->
     tool call -> answer). A data mix adds it as component {"source": "copy", "rows": N, ...}.
     Returns (tokens, loss mask), both of length rows * seq_len + 1."""
+    if len(tokens) < 2 * 120:                       # longest span + filler is 39 + 79 tokens
+        raise ValueError(f"the copying curriculum needs a token stream of >= 240 tokens, got {len(tokens)}")
     rng = np.random.default_rng(seed)
     out = np.zeros(rows * seq_len + 1, dtype=np.int32)
     mask = np.zeros(len(out), dtype=np.uint8)

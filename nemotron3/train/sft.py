@@ -143,7 +143,8 @@ def sft_recipe(recipe: dict) -> dict:
                               "seq_len": T, "batch_size": recipe["train"]["batch_size"], "weight": 2}]
     if s["copy_rows"]:
         recipe["data"]["mix"].append({"source": "copy", "rows": s["copy_rows"], "seq_len": s["copy_seq_len"],
-                                      "batch_size": s["copy_batch_size"], "weight": s["copy_weight"]})
+                                      "batch_size": s["copy_batch_size"], "weight": s["copy_weight"],
+                                      "seed": s["seed"]})
     recipe["data"]["val"] = {"source": str(data_dir / "val.tokens.npy"), "mask": str(data_dir / "val.mask.npy"),
                              "seq_len": T}
     return recipe
