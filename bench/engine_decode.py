@@ -175,20 +175,22 @@ def mtp_model(args):
     return random_model(), "random pico-size weights (no trained model yet: acceptance ~0)"
 
 
-def mtp_prompts(vocab):
-    tok_dir = ROOT / "runs" / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
-        from nemotron3.train.tokenizer import load_tokenizer
-        tok = load_tokenizer(tok_dir)
-        if len(tok) == vocab:
-            src = (Path(json.__file__).parent / "encoder.py").read_text()
-            return [tok.encode(src[i:i + 600]) for i in (0, 3000, 6000, 9000)], "stdlib json/encoder.py excerpts"
+def mtp_prompts(vocab, model_dir=None):
+    """Text prompts in the model's own tokenizer (its directory's, else the pipeline's runs/tokenizer)."""
+    from nemotron3.train.tokenizer import load_tokenizer
+    for tok_dir in ([Path(model_dir)] if model_dir else []) + [ROOT / "runs" / "tokenizer"]:
+        if (tok_dir / "tokenizer.json").exists():
+            tok = load_tokenizer(tok_dir)
+            if len(tok) == vocab:
+                src = (Path(json.__file__).parent / "encoder.py").read_text()
+                return [tok.encode(src[i:i + 600]) for i in (0, 3000, 6000, 9000)], "stdlib json/encoder.py excerpts"
     return prompts(4, 128, vocab, seed=1), "random token ids"
 
 
 def section_mtp(args, out):
     model, name = mtp_model(args)
-    ps, pname = mtp_prompts(model.config.vocab_size)
+    model_dir = args.mtp_model or (ROOT / "models" / "pico" if name == "models/pico" else None)
+    ps, pname = mtp_prompts(model.config.vocab_size, model_dir)
     N = args.tokens * 2
     print(f"[mtp] self-speculative decoding on {name}; prompts: {pname}; batch 1, {N} greedy tokens each, "
           f"median of {args.repeats} interleaved rounds over k")
