@@ -151,7 +151,8 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     checkpoint's `torch_dtype` on accelerators; the router's `e_score_correction_bias` stays fp32."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"model directory {path} does not exist")
+        raise CheckpointError(f"model directory {path} " + ("is a file, not a directory (pass the folder holding "
+                              "config.json and the safetensors)" if path.exists() else "does not exist"))
     config = config or NemotronConfig.from_json_file(path)
     from .quant.modelopt import IGNORED_SUFFIXES, layout_from_tensors, read_quant_config
     try:
@@ -180,8 +181,8 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
         sd = model.state_dict()
         qnames = {n: sd[n].dtype for n in quant_state_names(model) if n in sd}
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    # tie_word_embeddings: share the embedding unless the file has its own lm_head (transformers' NemotronH
-    # never ties, so its checkpoints carry lm_head.weight even when the flag is set)
+    # tie_word_embeddings: share the embedding unless the file has its own, different lm_head (transformers'
+    # NemotronH never ties, so its checkpoints -- and ours -- carry lm_head.weight even when the flag is set)
     tied = config.tie_word_embeddings and "lm_head.weight" not in src.names()
     if tied:
         expected.pop("lm_head.weight", None)
@@ -235,7 +236,8 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
             parts.append(t.to(device=device, dtype=qnames.get(fused) or dtype))
         _assign(model, fused, torch.stack(parts))
         del parts
-    if tied:
+    if tied or (config.tie_word_embeddings and quant is None
+                and torch.equal(model.lm_head.weight, model.backbone.embeddings.weight)):
         model.lm_head.weight = model.backbone.embeddings.weight
     return model.eval()
 
@@ -247,9 +249,12 @@ def checkpoint_state(model: NemotronHForCausalLM, dtype=None, fused_experts: boo
     qnames = quant_state_names(model)          # packed codes, FP8 weights and scales keep their dtypes
     out = {}
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.lm_head.weight is model.backbone.embeddings.weight:
-            continue
         t = t.detach()
+        if name == "lm_head.weight" and model.lm_head.weight is model.backbone.embeddings.weight:
+            # tied: written anyway (as its own copy: safetensors refuses shared storage), because
+            # transformers' NemotronH never ties and would otherwise initialise lm_head at random;
+            # `load` ties them again when the two stored tensors are equal
+            t = t.clone()
         if dtype is not None and not name.endswith("e_score_correction_bias") and name not in qnames:
             t = t.to(dtype)
         m = _FUSED_EXPERT.match(name)

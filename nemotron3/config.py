@@ -49,7 +49,7 @@ def parse_pattern(value: Any, field_name: str) -> str:
     if isinstance(value, (list, tuple)):
         out = []
         for i, word in enumerate(value):
-            if word not in _WORD_TO_CHAR:
+            if not isinstance(word, str) or word not in _WORD_TO_CHAR:
                 raise ConfigError(f"{field_name}[{i}]: unknown block type {word!r}; "
                                   f"expected one of {sorted(_WORD_TO_CHAR)}")
             out.append(_WORD_TO_CHAR[word])
@@ -133,7 +133,13 @@ class NemotronConfig:
     def __post_init__(self):
         self.pattern = parse_pattern(self.pattern, "hybrid_override_pattern")
         self.mtp_pattern = parse_pattern(self.mtp_pattern, "mtp_hybrid_override_pattern")
-        self.time_step_limit = tuple(_json_float(v) for v in self.time_step_limit)
+        lim = self.time_step_limit
+        if not isinstance(lim, (list, tuple)) or len(lim) != 2:
+            raise ConfigError(f"time_step_limit: expected [min, max], got {lim!r}")
+        try:
+            self.time_step_limit = tuple(float(_json_float(v)) for v in lim)
+        except (TypeError, ValueError):
+            raise ConfigError(f"time_step_limit: expected two numbers [min, max], got {lim!r}") from None
         self.validate()
 
     # ---- derived sizes (reference: nemotron3-arch.md §1.3) ----
@@ -170,6 +176,33 @@ class NemotronConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                  f"{name}: expected a positive integer, got {v!r}")
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.num_nextn_predict_layers) and self.num_nextn_predict_layers >= 0,
+             f"num_nextn_predict_layers: expected an integer >= 0, got {self.num_nextn_predict_layers!r}")
+        need(not self.has_mtp or len(self.mtp_pattern) > 0,
+             "mtp_hybrid_override_pattern: the MTP layer pattern is empty but num_nextn_predict_layers > 0")
+        kinds = set(self.pattern) | (set(self.mtp_pattern) if self.has_mtp else set())
+        sizes = [("intermediate_size", "-"), ("moe_intermediate_size", "E"),
+                 ("moe_shared_expert_intermediate_size", "E")]
+        for name, kind in sizes:
+            v = getattr(self, name)
+            need(kind not in kinds or (is_int(v) and v > 0), f"{name}: expected a positive integer, got {v!r}")
+        for name in ("attention_bias", "mlp_bias", "use_conv_bias", "use_bias", "mamba_proj_bias", "mamba_dt_clamp",
+                     "norm_topk_prob", "tie_word_embeddings", "rescale_prenorm_residual", "residual_in_fp32"):
+            v = getattr(self, name)
+            need(isinstance(v, bool), f"{name}: expected true or false, got {v!r}")
+        for name in ("layer_norm_epsilon", "time_step_min", "time_step_max", "time_step_floor",
+                     "routed_scaling_factor", "initializer_range"):
+            v = getattr(self, name)
+            need(is_num(v), f"{name}: expected a finite number, got {v!r}")
+        need(self.layer_norm_epsilon > 0, f"layer_norm_epsilon: expected a positive number, got {self.layer_norm_epsilon!r}")
+        lo, hi = self.time_step_limit
+        need(0 <= lo <= hi, f"time_step_limit: expected 0 <= min <= max, got {list(self.time_step_limit)}")
         if "*" in self.pattern or (self.has_mtp and "*" in self.mtp_pattern):
             need(self.num_attention_heads % self.num_key_value_heads == 0,
                  f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -192,7 +225,6 @@ class NemotronConfig:
         need(self.mamba_hidden_act == "silu", f"mamba_hidden_act: only 'silu' is supported, got {self.mamba_hidden_act!r}")
         need(self.moe_latent_size is None or (isinstance(self.moe_latent_size, int) and self.moe_latent_size > 0),
              f"moe_latent_size: expected null or a positive integer, got {self.moe_latent_size!r}")
-        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
         need(self.mamba_ssm_cache_dtype in ("float32", "bfloat16", "float16"),
              f"mamba_ssm_cache_dtype: unsupported {self.mamba_ssm_cache_dtype!r}")
 
@@ -218,7 +250,7 @@ class NemotronConfig:
             raise ConfigError("config.json has neither `hybrid_override_pattern` nor `layers_block_type`")
         n = d.get("num_hidden_layers")
         if n is not None and n != len(pattern):
-            raise ConfigError(f"num_hidden_layers ({n}) does not match the layer pattern length ({len(pattern)})")
+            raise ConfigError(f"num_hidden_layers ({n!r}) does not match the layer pattern length ({len(pattern)})")
         if d.get("mtp_layers_block_type") is not None:
             mtp = parse_pattern(d["mtp_layers_block_type"], "mtp_layers_block_type")
         elif d.get("mtp_hybrid_override_pattern") is not None:

@@ -113,12 +113,21 @@ def test_tied_embeddings(tmp_path):
     model = make(mtp=False, tie_word_embeddings=True)
     assert model.lm_head.weight is model.backbone.embeddings.weight
     nemotron3.save(model, tmp_path)
-    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    # written anyway: transformers' NemotronH never ties and would initialise a missing lm_head at random
+    files = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(files["lm_head.weight"], files["backbone.embeddings.weight"])
     again = nemotron3.load(tmp_path)
     assert again.lm_head.weight is again.backbone.embeddings.weight
     ids = ids_for(model)
+    hf = transformers.NemotronHForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids))
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+    # a file without lm_head (older writers) still ties
+    del files["lm_head.weight"]
+    save_file(files, tmp_path / "model.safetensors")
+    again = nemotron3.load(tmp_path)
+    assert again.lm_head.weight is again.backbone.embeddings.weight
 
 
 def test_meta_device_instantiation_of_the_largest_preset():
@@ -221,6 +230,8 @@ def test_corrupt_safetensors_and_missing_dir(tmp_path):
         nemotron3.load(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         nemotron3.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="is a file, not a directory"):
+        nemotron3.load(tmp_path / "config.json")
 
 
 def test_config_forms_and_aliases_agree():
@@ -238,3 +249,30 @@ def test_config_forms_and_aliases_agree():
     assert again == a
     cfg = transformers.NemotronHConfig(**a.to_dict())
     assert cfg.layers_block_type == ["linear_attention", "moe", "full_attention", "mlp"]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("time_step_limit", [0.0, 1.0, 2.0], r"time_step_limit: expected \[min, max\]"),
+    ("time_step_limit", None, r"time_step_limit: expected \[min, max\]"),
+    ("time_step_limit", ["a", "b"], r"time_step_limit: expected two numbers"),
+    ("time_step_limit", [1.0, 0.5], r"time_step_limit: expected 0 <= min <= max"),
+    ("use_bias", "false", r"use_bias: expected true or false"),
+    ("tie_word_embeddings", "no", r"tie_word_embeddings: expected true or false"),
+    ("intermediate_size", 0, r"intermediate_size: expected a positive integer"),
+    ("moe_intermediate_size", 0, r"moe_intermediate_size: expected a positive integer"),
+    ("moe_shared_expert_intermediate_size", -1, r"moe_shared_expert_intermediate_size: expected a positive"),
+    ("num_nextn_predict_layers", "1", r"num_nextn_predict_layers: expected an integer >= 0"),
+    ("num_nextn_predict_layers", 1.5, r"num_nextn_predict_layers: expected an integer >= 0"),
+    ("layer_norm_epsilon", 0, r"layer_norm_epsilon: expected a positive number"),
+    ("routed_scaling_factor", "x", r"routed_scaling_factor: expected a finite number"),
+    ("mtp_hybrid_override_pattern", "", r"MTP layer pattern is empty"),
+    ("layers_block_type", [["mamba"]], r"layers_block_type\[0\]: unknown block type"),
+    ("num_hidden_layers", "4", r"num_hidden_layers \('4'\) does not match"),
+])
+def test_malformed_config_fields_are_named(field, value, match):
+    """Bad values fail in the config with the field's name, not later as a shape or type error in the model."""
+    d = {"hybrid_override_pattern": "ME*-", "num_nextn_predict_layers": 1, field: value}
+    if field == "layers_block_type":
+        del d["hybrid_override_pattern"]
+    with pytest.raises(ConfigError, match=match):
+        NemotronConfig.from_dict(d)

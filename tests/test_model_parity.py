@@ -103,3 +103,37 @@ def test_bf16_forward_close_to_transformers_bf16():
     with torch.no_grad():
         a, b = ours(ids), hf(ids, use_cache=False).logits
     assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
+def test_malformed_inputs_raise_clear_errors():
+    model = make("latent_moe")
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    cache = HybridCache(model.config, num_slots=2)
+    cases = [
+        (lambda: model(ids[:, :0]), "input_ids is empty"),
+        (lambda: model(ids, attention_mask=[[1] * 5] * 2), "attention_mask must be a"),
+        (lambda: model(ids, attention_mask=torch.full((2, 5), 2)), "only 0 .padding. and 1"),
+        (lambda: model(ids[:1], cache, slots=[2]), r"slots \[2\] out of range"),
+        (lambda: model(ids[:1], cache, slots=[-1]), r"slots \[-1\] out of range"),
+        (lambda: model(ids, cache, slots=[1, 1]), "repeat a slot"),
+        (lambda: model(ids, HybridCache(small_config("MM"), num_slots=2)), "different model config"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert cache.lengths.tolist() == [0, 0]          # nothing was written by the rejected calls
+
+
+def test_malformed_mtp_inputs_raise_clear_errors():
+    torch.manual_seed(0)
+    model = randomize(NemotronHForCausalLM(small_config("M*E", num_nextn_predict_layers=1)).eval())
+    h = torch.zeros(1, 5, model.config.hidden_size)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="matching next_ids"):
+        model.mtp_step(h, ids[:, :4])
+    with pytest.raises(ValueError, match="token id out of range"):
+        model.mtp_step(h, ids + model.config.vocab_size)
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        model.mtp_step(h, ids, depth=0)
+    with pytest.raises(ValueError, match="depths must be an integer >= 0"):
+        model.forward_mtp(ids, depths=-1)

@@ -80,8 +80,12 @@ class HybridCache:
                 raise ValueError(f"batch of {batch} rows but the cache has {self.num_slots} slots")
             slots = torch.arange(batch)
         slots = torch.as_tensor(slots, dtype=torch.long).cpu()
-        if slots.numel() != batch:
+        if slots.dim() != 1 or slots.numel() != batch:
             raise ValueError(f"{slots.numel()} slots given for a batch of {batch} rows")
+        if batch and (int(slots.min()) < 0 or int(slots.max()) >= self.num_slots):
+            raise ValueError(f"slots {slots.tolist()} out of range: the cache has slots 0..{self.num_slots - 1}")
+        if batch > 1 and slots.unique().numel() != batch:
+            raise ValueError(f"slots {slots.tolist()} repeat a slot: each row needs its own")
         if record:
             self.recorded = {}
         return CacheRows(self, slots, self.mtp_lengths if mtp else self.lengths, record)

@@ -136,6 +136,8 @@ class NemotronHForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): need at least one token per row")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token id out of range [0, {self.config.vocab_size}): "
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}")
@@ -149,16 +151,31 @@ class NemotronHForCausalLM(nn.Module):
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask (padding) is only supported without a cache; "
                              "the engine batches ragged sequences through cache slots instead")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise ValueError(f"attention_mask must be a [batch, seq] tensor of 0/1, got "
+                                 f"{type(attention_mask).__name__}")
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            if not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         if record_states and cache is None:
             raise ValueError("record_states needs a cache")
+        if cache is not None:
+            self._check_cache(cache)
         rows = None if cache is None else cache.rows(slots, input_ids.shape[0], record=record_states)
         h = self.backbone(input_ids, rows, attention_mask)
         if rows is not None:
             rows.advance(input_ids.shape[1])
         return h
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, HybridCache):
+            raise ValueError(f"cache must be a HybridCache, got {type(cache).__name__}")
+        a, b = cache.config, self.config
+        if a is not b and cache_layout(a) != cache_layout(b):
+            raise ValueError("cache was built for a different model config (layer pattern or state sizes differ)")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
@@ -179,6 +196,14 @@ class NemotronHForCausalLM(nn.Module):
         `logits` to the rows it needs: lm_head over every row would cost as much as the backbone)."""
         if self.mtp is None:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        self._check_ids(next_ids)
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"MTP depth must be an integer >= 1, got {depth!r}")
+        if hidden.dim() != 3 or hidden.shape[:2] != next_ids.shape or hidden.shape[2] != self.config.hidden_size:
+            raise ValueError(f"hidden {tuple(hidden.shape)} must be [batch, seq, {self.config.hidden_size}] "
+                             f"matching next_ids {tuple(next_ids.shape)}")
+        if cache is not None:
+            self._check_cache(cache)
         rows = None if cache is None else cache.rows(slots, next_ids.shape[0], mtp=True)
         h = self.mtp(hidden, self.backbone.embeddings(next_ids), depth, rows)
         if rows is not None:
@@ -188,6 +213,8 @@ class NemotronHForCausalLM(nn.Module):
     def forward_mtp(self, input_ids, depths: int, attention_mask=None):
         """Training forward: main logits [B, T, V] and, for k = 1..depths, MTP logits [B, T-k, V] where
         position t predicts token t+k+1 (the sequence shortens by one per depth)."""
+        if not isinstance(depths, int) or depths < 0:
+            raise ValueError(f"depths must be an integer >= 0, got {depths!r}")
         h = self.hidden_states(input_ids, attention_mask=attention_mask)
         main = self.logits(h)
         out, T = [], input_ids.shape[1]
@@ -203,6 +230,12 @@ class NemotronHForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def cache_layout(c: NemotronConfig) -> tuple:
+    """The config fields that fix a HybridCache's layout (which layers hold what state, of what shape)."""
+    return (c.pattern, c.num_nextn_predict_layers, c.mtp_pattern if c.has_mtp else "", c.mamba_num_heads,
+            c.mamba_head_dim, c.n_groups, c.ssm_state_size, c.conv_kernel, c.num_key_value_heads, c.head_dim)
 
 
 @torch.no_grad()
