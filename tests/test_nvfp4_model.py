@@ -2,6 +2,7 @@
 checkpoints (write, read ours and NVIDIA-Nano-like directories), CLI and engine."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from nemotron3.checkpoint import CheckpointError, load, save
 from nemotron3.cli import main as cli_main
 from nemotron3.presets import get_preset
 from nemotron3.quant import FP8Linear, NVFP4Linear
+from nemotron3.quant.modelopt import config_block, read_quant_config
 from nemotron3.quant.quantize import NVFP4Experts, quantize_model, quantized_module_formats
 from nemotron3.quant.recipe import bits_per_element, nvfp4_mixed_recipe, nvfp4_recipe, pre_attention_mamba
 from helpers import randomize
@@ -167,7 +169,8 @@ def test_modelopt_checkpoint_round_trip(recipe, tmp_path):
     assert hf["producer"]["name"] == "modelopt"
     qz = hf["quantization"]
     assert cfg["quantization_config"]["quant_method"] == "modelopt"
-    assert {k: v for k, v in cfg["quantization_config"].items() if k not in ("quant_method", "producer")} == qz
+    assert cfg["quantization_config"] == config_block(hf)
+    assert "group_size" not in qz if qz["quant_algo"] == "MIXED_PRECISION" else qz["group_size"] == 16
     if recipe == "nvfp4":
         assert qz["quant_algo"] == "NVFP4" and qz["group_size"] == 16
         ex = set(qz["exclude_modules"])
@@ -309,3 +312,61 @@ def test_calibration_batches_cut_real_text():
     assert out[0][0, :5].tolist() == Tok().encode("hello")
     with pytest.raises(ValueError, match="too short"):
         calibration_batches(["hi"], Tok(), n=1, seq_len=32)
+
+
+# ------------------------------------------------------------------------------------------------ metadata forms
+def _vllm_view(qc: dict) -> dict:
+    """What vLLM's ``ModelOptQuantConfigBase.from_config`` + ``ModelOptMixedPrecisionConfig._from_config`` take
+    from a config.json ``quantization_config`` (no ``quantization`` key): the exclude list from ``ignore``, the KV
+    algo from ``kv_cache_scheme``, the per-layer algos from top-level ``quantized_layers``."""
+    kv = qc.get("kv_cache_scheme")
+    return {"quant_algo": str(qc.get("quant_algo")).upper(), "exclude": qc.get("ignore", []),
+            "kv": "FP8" if isinstance(kv, dict) and kv.get("type") == "float" and kv.get("num_bits") == 8 else None,
+            "layers": qc.get("quantized_layers", {})}
+
+
+@pytest.mark.parametrize("recipe,calib", [("nvfp4", True), ("nvfp4", False), ("nvfp4-mixed", True)])
+def test_config_json_block_is_modelopts_converted_form(recipe, calib, tmp_path):
+    """Regression: config.json's block used to be the flattened hf_quant_config (``exclude_modules``), which vLLM
+    (reading config.json first, ``ignore`` only) saw as "nothing excluded". Now it is ModelOpt's
+    ``convert_hf_quant_config_format`` output (+ ``quantized_layers`` for MIXED_PRECISION) and reads back."""
+    q = quantize_model(_model(), recipe, calib_batches=[IDS] if calib else None)
+    save(q, tmp_path)
+    hf = json.loads((tmp_path / "hf_quant_config.json").read_text())
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    qz = hf["quantization"]
+    assert list(qz)[:2] == ["quant_algo", "kv_cache_quant_algo"] and qz["kv_cache_quant_algo"] is None
+    assert qc["quant_method"] == "modelopt" and qc["producer"] == hf["producer"] and hf["producer"]["name"] == "modelopt"
+    assert "exclude_modules" not in qc and "kv_cache_scheme" not in qc           # KV cache not quantized
+    v = _vllm_view(qc)
+    assert v["quant_algo"] == qz["quant_algo"] and v["kv"] is None
+    if qz["quant_algo"] == "MIXED_PRECISION":
+        assert v["layers"] == qz["quantized_layers"] and v["exclude"] == [] and "config_groups" not in qc
+    else:
+        assert qz["quant_algo"] == ("NVFP4" if calib else "W4A16_NVFP4")
+        assert set(qz) == {"quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules"}  # vLLM's required
+        assert v["exclude"] == qz["exclude_modules"] and "lm_head" in v["exclude"]
+        if calib:
+            g = qc["config_groups"]["group_0"]
+            fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+            assert g == {"input_activations": fp4, "weights": fp4, "targets": ["Linear"]}
+        else:
+            assert "config_groups" not in qc                               # as ModelOpt's converter
+    # config.json alone (no hf_quant_config.json, like a newer export read by us) loads the same model
+    (tmp_path / "hf_quant_config.json").unlink()
+    assert read_quant_config(tmp_path, {"quantization_config": qc})["exclude_modules"] == qz.get("exclude_modules", [])
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path)(IDS), q(IDS))
+
+
+def test_config_block_fp8_and_kv_forms():
+    """FP8 and an FP8 KV cache convert exactly as ModelOpt's ``convert_hf_quant_config_format`` docstring example."""
+    hf = {"producer": {"name": "modelopt", "version": "0.19.0"},
+          "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}}
+    fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
+    assert config_block(hf) == {
+        "config_groups": {"group_0": {"input_activations": fp8, "weights": fp8, "targets": ["Linear"]}},
+        "ignore": ["lm_head"], "quant_algo": "FP8", "kv_cache_scheme": fp8,
+        "producer": {"name": "modelopt", "version": "0.19.0"}, "quant_method": "modelopt"}
+    back = read_quant_config(Path("/nonexistent"), {"quantization_config": config_block(hf)})
+    assert back["exclude_modules"] == ["lm_head"] and back["kv_cache_quant_algo"] == "FP8"

@@ -9,8 +9,12 @@ Writing (called by ``checkpoint.save`` when the model holds quantized modules):
   experts listed per expert (``...experts.{e}.up_proj``), as ModelOpt's ``process_layer_quant_config``.
   ``kv_cache_quant_algo`` is null (our KV cache is not quantized). A model quantized without calibration has no
   ``input_scale`` tensors and is labelled ``W4A16_NVFP4`` (weight-only) instead of ``NVFP4``.
-* ``config.json["quantization_config"]``: the same block flattened plus ``quant_method: "modelopt"`` and the
-  producer (the form vLLM's ``modelopt`` / ``modelopt_fp4`` / ``modelopt_mixed`` configs read).
+* ``config.json["quantization_config"]``: what ModelOpt's ``convert_hf_quant_config_format`` writes there
+  (``config_groups`` for NVFP4 / FP8, ``ignore`` = the exclude list, ``quant_algo``, ``kv_cache_scheme`` when the
+  KV cache is quantized, ``producer``, ``quant_method: "modelopt"``), plus ``quantized_layers`` for
+  MIXED_PRECISION. vLLM reads this block in preference to ``hf_quant_config.json`` and, having no
+  ``quantization`` key there, takes the exclude list from ``ignore`` only (an ``exclude_modules`` key in it is
+  ignored, so the BF16 layers would be built as quantized) and the mixed layers from ``quantized_layers``.
 * tensors (ModelOpt dtypes/shapes): NVFP4 ``weight`` uint8 [N, K/2], ``weight_scale`` float8_e4m3fn [N, K/16],
   ``weight_scale_2`` fp32 [], ``input_scale`` fp32 []; FP8 ``weight`` float8_e4m3fn [N, K], ``weight_scale``
   fp32 [], ``input_scale`` fp32 []; routed experts per expert (``checkpoint.py`` splits them).
@@ -49,13 +53,13 @@ def hf_quant_config(model: nn.Module) -> dict:
     mods = dict(model.named_modules())
     calibrated = all(getattr(mods[n], "input_scale", None) is not None or
                      getattr(mods[n], "up_proj_input_scale", None) is not None for n in formats)
-    q = {"group_size": 16, "kv_cache_quant_algo": None}
+    q = {"quant_algo": None, "kv_cache_quant_algo": None}          # ModelOpt get_quant_config key order
     algos = set(formats.values())
     if len(algos) == 1:
         algo = _ALGO[algos.pop()]
         q["quant_algo"] = "W4A16_NVFP4" if algo == "NVFP4" and not calibrated else algo
-        if algo == "FP8":
-            q.pop("group_size")
+        if algo == "NVFP4":
+            q["group_size"] = 16
         exclude = []
         mtp_wild = any(n.startswith("mtp.") for n in mods) and not any(n.startswith("mtp.") for n in formats)
         for n, m in mods.items():
@@ -77,8 +81,48 @@ def hf_quant_config(model: nn.Module) -> dict:
 
 
 def config_block(hf: dict) -> dict:
-    """``config.json["quantization_config"]`` for an ``hf_quant_config.json`` dict."""
-    return {"quant_method": "modelopt", **hf["quantization"], "producer": hf["producer"]}
+    """``config.json["quantization_config"]`` for an ``hf_quant_config.json`` dict: ModelOpt's
+    ``convert_hf_quant_config_format`` (modelopt/torch/export/convert_hf_config.py) output, plus
+    ``quantized_layers`` for MIXED_PRECISION (which vLLM's ``modelopt_mixed`` needs in this block)."""
+    q = hf["quantization"]
+    algo = q.get("quant_algo")
+    out: dict = {}
+    if algo == "FP8":
+        fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
+        out["config_groups"] = {"group_0": {"input_activations": dict(fp8), "weights": dict(fp8),
+                                            "targets": ["Linear"]}}
+    elif algo == "NVFP4":
+        fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": q.get("group_size", 16)}
+        out["config_groups"] = {"group_0": {"input_activations": dict(fp4), "weights": dict(fp4),
+                                            "targets": ["Linear"]}}
+    out["ignore"] = list(q.get("exclude_modules") or [])
+    if algo:
+        out["quant_algo"] = algo
+    kv = q.get("kv_cache_quant_algo")
+    if kv:
+        out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"} if kv == "FP8" else kv
+    if algo == "MIXED_PRECISION":
+        out["quantized_layers"] = q["quantized_layers"]
+    out["producer"] = hf["producer"]
+    out["quant_method"] = "modelopt"
+    return out
+
+
+def _from_config_block(qc: dict) -> dict:
+    """The ``hf_quant_config.json["quantization"]`` view of a ``config.json`` quantization block (either our /
+    ModelOpt's converted form with ``ignore`` / ``config_groups`` / ``kv_cache_scheme``, or a flattened one)."""
+    q = dict(qc)
+    if "exclude_modules" not in q and "ignore" in q:
+        q["exclude_modules"] = q["ignore"]
+    if "group_size" not in q:
+        w = ((q.get("config_groups") or {}).get("group_0") or {}).get("weights") or {}
+        if "group_size" in w:
+            q["group_size"] = w["group_size"]
+    if "kv_cache_quant_algo" not in q:
+        kv = q.get("kv_cache_scheme")
+        q["kv_cache_quant_algo"] = ("FP8" if isinstance(kv, dict) and kv.get("num_bits") == 8
+                                    and kv.get("type") == "float" else kv if isinstance(kv, str) else None)
+    return q
 
 
 def write_hf_quant_config(model: nn.Module, path: Path) -> dict:
@@ -104,7 +148,7 @@ def read_quant_config(path: Path, extra: dict) -> dict | None:
         if method != "modelopt":
             raise ValueError(f"{path}: quantization method {method!r} is not supported (only NVIDIA ModelOpt "
                              f"checkpoints: quant_method 'modelopt' with quant_algo {sorted(SUPPORTED_ALGOS)})")
-        q = qc
+        q = _from_config_block(qc)
     if q is None:
         return None
     algo = str(q.get("quant_algo", "")).upper()

@@ -4,16 +4,20 @@ Formulas and byte layouts follow NVIDIA Model Optimizer (ModelOpt) ``NVFP4QTenso
 checkpoints (see ``shared/reference/nvfp4.md`` sections 1-2):
 
 * per-tensor (decode) scale ``s2 = amax(|W|) / (6 * 448)``            -> checkpoint ``weight_scale_2`` (fp32 scalar)
-* per 16-block scale ``s_b = e4m3_rne((amax_b / 6) / s2)``             -> checkpoint ``weight_scale`` (float8_e4m3fn)
-  (ModelOpt op order; a block with amax 0 gets ``s_b = 1.0``; scales are clamped to >= 2^-9 so they never
-  underflow to an FP8 zero. Deviation: ModelOpt clamps only to [-448, 448], so for a nonzero block with
-  ``amax_b / (6 * s2) <= 2^-10`` (a block ~10^6 times below the tensor amax) ModelOpt stores scale 0 and
-  meaningless codes (dequantizing to 0) where we store 2^-9 and real codes; every other block is identical.)
+* per 16-block scale ``s_b = e4m3_rne(amax_b / (6 * s2))``             -> checkpoint ``weight_scale`` (float8_e4m3fn)
+  (ModelOpt's fp32 op order, ``6 * s2`` first: ``(amax_b / 6) / s2`` differs by an fp32 ulp and so by one E4M3
+  step for blocks next to an E4M3 rounding tie. A block whose ratio is 0 gets ``s_b = 1.0``. Deviation: we
+  clamp the ratio to [2^-9, 448] before the cast; ModelOpt does not clamp, so for a nonzero block with
+  ``amax_b / (6 * s2) <= 2^-10`` (a block ~10^6 times below the tensor amax) it stores scale 0 and codes
+  from x/0 (dequantizing to 0) where we store 2^-9 and real codes; with a computed or max-shared ``s2`` the
+  ratio never exceeds 448, so every other block is byte-identical: ``tests/test_nvfp4.py::
+  test_modelopt_fixture_*`` checks that against bytes produced by ModelOpt's own ``NVFP4QTensor``.)
 * element code ``q = e2m1_rne(x / (fp32(s_b) * s2))`` (round to nearest, ties to even, saturating at +-6)
 * packed ``uint8 [..., K/2]`` with element ``2i`` in the LOW nibble and ``2i+1`` in the high nibble
 * dequantize ``x_hat = e2m1(q) * (fp32(s_b) * s2)``
 
-An all-zero tensor gets ``s2 = 0`` (the honest ``amax/2688``); codes are 0 and dequantization gives exact zeros.
+An all-zero tensor gets ``s2 = 0`` (the honest ``amax/2688``); codes are 0 and dequantization gives exact zeros
+(ModelOpt computes 0/0 there and stores NaN block scales).
 NaN/Inf inputs and a last dimension that is not a multiple of 16 raise ``ValueError``.
 """
 from __future__ import annotations
@@ -107,11 +111,11 @@ def global_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_scale_from_amax(amax_b: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """ModelOpt order: ``e4m3(clamp((amax_b / 6) / s2, 2^-9, 448))``; amax_b == 0 -> 1.0."""
-    per_block = amax_b.float() / E2M1_MAX
+    """ModelOpt ``get_weights_scaling_factor``: ``e4m3(amax_b / (6 * s2))`` (this fp32 op order), a zero ratio
+    -> 1.0; plus our clamp to [2^-9, 448] (see the module docstring)."""
     safe_s2 = torch.where(s2 > 0, s2, torch.ones_like(s2))
-    q = per_block / safe_s2
-    q = torch.where(per_block == 0, torch.ones_like(q), q)
+    q = amax_b.float() / (E2M1_MAX * safe_s2)
+    q = torch.where(q == 0, torch.ones_like(q), q)
     q = q.clamp(min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX)
     return q.to(FP8_DTYPE)
 
