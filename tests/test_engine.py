@@ -201,6 +201,9 @@ def test_min_tokens_bans_stop(model):
     (dict(logprobs=-1), "logprobs"), (dict(temperature=float("nan")), "temperature"),
     (dict(reasoning_mode="high"), "reasoning_mode"), (dict(stop=[""]), "stop"), (dict(stop=[1.5]), "stop"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(thinking_budget=-1), "thinking_budget"),
+    (dict(min_tokens=True), "min_tokens"), (dict(stop=5.5), "stop"), (dict(stop={"a": 1}), "stop"),
+    (dict(stop_token_ids=5), "stop_token_ids"), (dict(answer_prefix_ids=7), "answer_prefix_ids"),
+    (dict(ignore_eos="yes"), "ignore_eos"), (dict(skip_special_tokens=None), "skip_special_tokens"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -232,6 +235,48 @@ def test_request_errors(model):
         LLMEngine(tiny_model(0, mtp=False), num_speculative_tokens=2)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLMEngine(model, max_num_seqs=8, max_num_batched_tokens=8)
+
+
+def test_chat_arguments_and_lone_surrogates(server_model_dir):
+    llm = LLM(str(server_model_dir), max_model_len=256)
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]]
+    with pytest.raises(ValueError, match="1 sampling params for 2 conversations"):
+        llm.chat(convs, [SamplingParams(max_tokens=1)])       # used to drop the second conversation
+    with pytest.raises(ValueError, match="SamplingParams"):
+        llm.chat(convs[0], {"max_tokens": 1})
+    with pytest.raises(ValueError, match="messages must be a list"):
+        llm.chat("hi")
+    out = llm.generate("cut emoji \ud83d", SamplingParams(max_tokens=1))    # a lone surrogate: U+FFFD
+    assert len(out[0].outputs[0].token_ids) == 1
+
+
+def test_bad_prompts(model):
+    llm = LLM(model, max_model_len=64)
+    for prompt, match in ([True, False], "integers"), ({"prompt_token_ids": [5, 6.7]}, "integers"), \
+            ({"prompt_token_ids": None}, "prompt_token_ids"), (None, "prompts must be"), (5, "prompts must be"), \
+            (torch.tensor([5.0, 6.0]), "dtype"):
+        with pytest.raises(ValueError, match=match):
+            llm.generate(prompt, SamplingParams(max_tokens=1))
+    assert len(llm.generate(torch.tensor([5, 6]), SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_abort_moves_a_grown_cache_slot(model):
+    """Aborting a sequence moves the highest decoding one into its slot; after a long prompt the K/V buffers
+    were regrown inside the step (inference tensors), and the copy outside inference mode used to raise."""
+    eng = LLMEngine(model, max_num_seqs=2, max_model_len=1024)
+    p = SamplingParams(max_tokens=20, ignore_eos=True)
+    eng.add_request("a", [5] * 10, p)
+    eng.add_request("b", [6] * 300, p)                       # > the initial 256-position buffers
+    for _ in range(3):
+        eng.step()
+    assert [eng.requests[r].seqs[0].slot for r in "ab"] == [0, 1]
+    eng.abort_request("a")
+    assert eng.requests["b"].seqs[0].slot == 0
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert len(outs[-1].outputs[0].token_ids) == 20 and sorted(eng.scheduler.free_slots) == [0, 1]
 
 
 def test_abort(model):

@@ -96,6 +96,8 @@ BAD_CHAT = [
     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"min_tokens": 10, "max_tokens": 2}, "min_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
 ]
 
 
@@ -110,6 +112,74 @@ def test_malformed_bodies(srv):
         r = httpx.post(url, content=content, headers={"content-type": "application/json"})
         assert_openai_error(r, 400)
     assert "JSON" in httpx.post(url, content=b"{oops", headers={"content-type": "application/json"}).json()["error"]["message"]
+
+
+def test_null_means_default_and_integral_floats_are_ints(srv):
+    """OpenAI's and vLLM's schemas make these fields nullable (null = not given); JSON does not tell 3.0
+    from 3 (JavaScript cannot even write 3.0)."""
+    url = srv[0]
+    for body in ({"stream": None}, {"n": None}, {"logprobs": None}, {"parallel_tool_calls": None},
+                 {"ignore_eos": None, "min_tokens": None, "skip_special_tokens": None}, {"max_tokens": 3.0},
+                 {"max_completion_tokens": 3.0, "n": 2.0, "seed": 7.0}, {"logprobs": True, "top_logprobs": 2.0},
+                 {"chat_template_kwargs": {"thinking_budget": 8.0}}):
+        r = chat(url, {"max_tokens": 3, **body})
+        assert r.status_code == 200, (body, r.text)
+        if body.get("top_logprobs"):
+            assert all(len(t["top_logprobs"]) == 2 for t in r.json()["choices"][0]["logprobs"]["content"])
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [20.0, 21.0], "max_tokens": 2.0,
+                                                 "echo": None, "logprobs": 1.0, "stream": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    r = httpx.post(url + "/v1/messages", json={"model": "tiny", "max_tokens": 2.0, "messages": MSG, "stream": None,
+                                              "system": None, "top_k": None})
+    assert r.status_code == 200 and r.json()["usage"]["output_tokens"] <= 2, r.text
+    assert_openai_error(chat(url, {"max_tokens": 2.5}), 400, "max_tokens")
+    assert_openai_error(chat(url, {"model": None}), 400, "model")             # required: null is missing
+
+
+def test_lone_surrogates_and_undecodable_bodies(srv):
+    """A JSON `\\ud83d` escape without its pair (text cut mid-emoji) used to crash the tokenizer (500);
+    invalid UTF-8 and deep nesting got a vague message. Any Content-Type is read as JSON."""
+    url = srv[0]
+    h = {"content-type": "application/json"}
+    cases = [("/v1/chat/completions", b'{"model":"tiny","max_tokens":2,"messages":[{"role":"user","content":"a\\ud83d"}]}', 200),
+             ("/v1/completions", b'{"model":"tiny","max_tokens":2,"prompt":"\\udfff"}', 200),
+             ("/v1/messages", b'{"model":"tiny","max_tokens":2,"messages":[{"role":"user","content":"\\ud800"}]}', 200),
+             ("/v1/chat/completions", b'{"model":"\\ud800","messages":[{"role":"user","content":"x"}]}', 404),
+             ("/v1/chat/completions", b'{"model":"tiny","max_tokens":2,"messages":[{"role":"user","content":"\\ud83d\\ude00"}]}', 200)]
+    for path, raw, status in cases:
+        r = httpx.post(url + path, content=raw, headers=h)
+        assert r.status_code == status, (raw, r.text)
+    err = assert_openai_error(httpx.post(url + "/v1/chat/completions", content=b'{"model": "\xff"}', headers=h), 400)
+    assert "UTF-8" in err["message"]
+    deep = b'{"model": "tiny", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    err = assert_openai_error(httpx.post(url + "/v1/chat/completions", content=deep, headers=h), 400)
+    assert "nested" in err["message"]
+    good = json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 2}).encode()
+    for ct in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}):
+        assert httpx.post(url + "/v1/chat/completions", content=good, headers=ct).status_code == 200, ct
+    assert chat(url, {"max_tokens": 2}).status_code == 200
+
+
+def test_disconnect_that_moves_a_grown_cache_slot(srv):
+    """A client leaving frees its slot and moves the highest decoding sequence into it; once a long prompt
+    had regrown the K/V buffers (inside the engine's inference mode) that copy raised outside it, which
+    failed every open request and every later one (500s until restart)."""
+    url, engine = srv
+    short = {"model": "tiny", "prompt": [20] * 5, "max_tokens": 300, "ignore_eos": True, "stream": True}
+    long = {"model": "tiny", "prompt": [21] * 300, "max_tokens": 40, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as ca, httpx.Client(timeout=30) as cb:
+        ra = ca.send(ca.build_request("POST", url + "/v1/completions", json=short), stream=True)
+        lines_a = ra.iter_lines()
+        next(lines_a)                                         # slot 0, decoding
+        rb = cb.send(cb.build_request("POST", url + "/v1/completions", json=long), stream=True)
+        lines_b = rb.iter_lines()
+        next(lines_b)                                         # slot 1, decoding, K/V buffers regrown
+        ra.close()                                            # leave: slot 1 is moved into slot 0
+        rest = [line for line in lines_b if line]
+        rb.close()
+    assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest), rest[-3:]
+    assert wait_idle(engine)
+    assert chat(url, {"max_tokens": 2}).status_code == 200
 
 
 def test_unknown_model_route_method(srv):

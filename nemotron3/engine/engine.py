@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import os
 import random
+import re
 import threading
 import time
 import warnings
@@ -69,11 +70,24 @@ class _Request:
     num_finished: int = 0
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _encode(tok, text: str) -> list[int]:
+    if not isinstance(text, str):
+        raise TypeError(f"text to tokenize must be a str, got {type(text).__name__}")
+    text = _LONE_SURROGATE.sub("\ufffd", text)          # unpaired UTF-16 halves cannot be tokenized
     try:
         return list(tok.encode(text, add_special_tokens=False))
     except TypeError:                     # nemotron3.train.tokenizer.Tokenizer: no BOS is ever added
         return list(tok.encode(text))
+
+
+def _int_scalar(t) -> bool:
+    """A numpy integer or a 0-d integer tensor (accepted as a token id, as an int is)."""
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 0 and not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+    return hasattr(t, "__index__") and not isinstance(t, bool) and type(t).__name__.startswith(("int", "uint"))
 
 
 def _decode(tok, ids, skip_special_tokens: bool) -> str:
@@ -173,7 +187,9 @@ class LLMEngine:
         """Accepts text, a list of token ids, or {'prompt': text} / {'prompt_token_ids': ids}."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
+                prompt = prompt["prompt_token_ids"]
+                if not isinstance(prompt, (list, tuple, torch.Tensor)):
+                    raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}")
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -182,8 +198,15 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids or LLM(..., tokenizer=...)")
             text, ids = prompt, _encode(self.tokenizer, prompt)
-        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+        elif isinstance(prompt, (list, tuple)):
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) and not _int_scalar(t)]
+            if bad:
+                raise ValueError(f"a token-id prompt must hold integers, got {type(bad[0]).__name__} {bad[0]!r}")
             text, ids = None, [int(t) for t in prompt]
+        elif isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
+            if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+                raise ValueError(f"a token-id tensor prompt must have an integer dtype, got {prompt.dtype}")
+            text, ids = None, prompt.tolist()
         else:
             raise ValueError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
         if not ids:
@@ -240,6 +263,7 @@ class LLMEngine:
         for i, seq in enumerate(seqs):     # siblings restore the first one's prompt from the prefix cache
             self.scheduler.add(seq, after=seqs[0] if i and self.prefix_cache is not None else None)
 
+    @torch.inference_mode()                # freeing a slot may move another sequence's cache (in-place copies)
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is None:
@@ -251,6 +275,25 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def drop_all_requests(self) -> None:
+        """Forget every request and free every slot (after a failed step, whose state may be half-updated);
+        a slot's cache is reset when it is next assigned."""
+        for rid in list(self.requests):
+            try:
+                self.abort_request(rid)
+            except Exception:             # noqa: BLE001 - the state is being thrown away anyway
+                pass
+        self.requests.clear()
+        self._finished.clear()
+        self._touched.clear()
+        s = self.scheduler
+        for seq in (*s.waiting, *s.running):
+            seq.slot = None
+        s.waiting.clear()
+        s.running.clear()
+        s.wait_for.clear()
+        s.free_slots = list(range(s.max_num_seqs))
 
     # ------------------------------------------------------------------ cache hooks
     def _admit(self, seq: Sequence) -> None:
@@ -660,9 +703,12 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Prompts: one text / token-id list / dict, or a list of them. Returns outputs in prompt order."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1) or \
+                (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple, torch.Tensor)):
+            raise ValueError("prompts must be a text, a list of token ids, a dict, or a list of those; got "
+                             f"{type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
@@ -705,11 +751,22 @@ class LLM:
         tokenizer's chat template. `reasoning_mode='off'` renders with `enable_thinking=False`."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template")
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError("messages must be a list of {'role', 'content'} dicts (or a list of such lists), "
+                             f"got {type(messages).__name__}")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        for i, conv in enumerate(convs):
+            if not isinstance(conv, (list, tuple)) or not conv or not all(isinstance(m, dict) for m in conv):
+                raise ValueError(f"conversation {i} must be a non-empty list of {{'role', 'content'}} dicts")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(convs)
         else:
             params = list(sampling_params)
+            if len(params) != len(convs):
+                raise ValueError(f"{len(params)} sampling params for {len(convs)} conversations")
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling params must be SamplingParams, got {type(p).__name__}")
         prompts = []
         for conv, p in zip(convs, params):
             kw = dict(chat_template_kwargs or {})
@@ -856,9 +913,7 @@ class AsyncLLMEngine:
                 self.errored = e
                 for q in self._queues.values():
                     q.put_nowait(e)
-                for rid in list(self.engine.requests):
-                    self.engine.abort_request(rid)
-                    self.engine.requests.pop(rid, None)
+                self.engine.drop_all_requests()
                 continue
             for rid, item in results:
                 q = self._queues.get(rid)

@@ -71,7 +71,7 @@ class SamplingParams:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
                                             or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1 or None")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
             bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
@@ -83,6 +83,14 @@ class SamplingParams:
         if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int)
                                                  or isinstance(self.thinking_budget, bool) or self.thinking_budget < 0):
             bad("thinking_budget", "must be an integer >= 0 or None")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be a bool")
+        for name in ("stop_token_ids", "answer_prefix_ids"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (list, tuple, set, frozenset)):
+                bad(name, "must be a list of token ids or None")
+        if self.stop is not None and not isinstance(self.stop, (str, int, list, tuple, set, frozenset)):
+            bad("stop", "must be a string, a token id, or a list of them")
         if self.answer_prefix_ids is not None:
             self.answer_prefix_ids = list(self.answer_prefix_ids)
             if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.answer_prefix_ids):

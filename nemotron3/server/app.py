@@ -52,6 +52,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat.parsers import CALL_OPEN, Delta, StreamParser, ToolCall, parse_output
@@ -178,7 +179,8 @@ class Server:
         try:
             return SamplingParams(**kw)
         except ValueError as e:
-            raise APIError(400, str(e).replace("SamplingParams.", "")) from None
+            field = re.match(r"SamplingParams\.(\w+)", str(e))
+            raise APIError(400, str(e).replace("SamplingParams.", ""), param=field and field.group(1)) from None
 
     def encode(self, text: str) -> list[int]:
         return _encode(self.tokenizer, text)
@@ -328,6 +330,8 @@ class Server:
             if k in kwargs:
                 v = kwargs.pop(k)
                 if v is not None:
+                    if isinstance(v, float) and v.is_integer():
+                        v = int(v)
                     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                         raise APIError(400, f"{param_kwargs}.{k} must be an integer >= 0", param=param_kwargs)
                     budget = v
@@ -786,6 +790,64 @@ class GuardMiddleware:
         return await self.app(scope, receive, send)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _scrub_surrogates(obj):
+    """Lone UTF-16 surrogates (a JSON `\\ud83d` escape without its pair: a string cut mid-emoji) cannot be
+    tokenized or written back as UTF-8: replace them with U+FFFD, in place, without recursion."""
+    def fix(x):
+        return _LONE_SURROGATE.sub("\ufffd", x) if isinstance(x, str) else x
+
+    obj = fix(obj)
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            for k in list(o):
+                v = o.pop(k)
+                v = fix(v)
+                o[fix(k)] = v
+                stack.append(v)
+        elif isinstance(o, list):
+            for i, v in enumerate(o):
+                o[i] = fix(v)
+                stack.append(o[i])
+    return obj
+
+
+class JSONBodyRequest(Request):
+    """Request bodies are JSON whatever the Content-Type says; undecodable bodies are JSON errors (400s)
+    that say why, and lone surrogates are replaced."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                data = json.loads(body)
+            except UnicodeDecodeError:
+                raise json.JSONDecodeError("the body is not valid UTF-8", "", 0) from None
+            except RecursionError:
+                raise json.JSONDecodeError("the JSON is nested too deeply", "", 0) from None
+            self._json = _scrub_surrogates(data) if _SURROGATE_ESCAPE.search(body) else data
+        return self._json
+
+
+class JSONBodyRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            scope = request.scope
+            if scope.get("method") == "POST":
+                headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+                scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+            return await handler(JSONBodyRequest(scope, request.receive))
+
+        return route
+
+
 def _type_tag(x) -> bool:
     """Pydantic puts union member names in error locations ('str', 'list[ContentPart]', ...): not fields."""
     return isinstance(x, str) and (x in ("str", "int", "float", "bool", "dict", "list", "none") or
@@ -840,6 +902,7 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
             await engine.shutdown()
 
     app = FastAPI(title="nemotron3", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.router.route_class = JSONBodyRoute
     app.state.server = server
 
     # ---------------------------------------------------------------- errors

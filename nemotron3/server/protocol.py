@@ -4,7 +4,11 @@
 Design decisions:
 
 * **Strict types** (`ConfigDict(strict=True)`): `"temperature": "0.5"`, `"stream": "yes"` or
-  `"max_tokens": 1.5` are 400s, not silently coerced; an int is still accepted where a float is expected.
+  `"max_tokens": 1.5` are 400s, not silently coerced; an int is still accepted where a float is expected,
+  and an integral float (`5.0`: JSON does not tell it from `5`) where an int is.
+* **`null` means "not given"** (as in OpenAI's and vLLM's schemas, where these fields are nullable):
+  `"stream": null`, `"n": null`, `"logprobs": null` take the field's default; a required field that
+  is null is reported as missing.
 * **Unknown fields are ignored** (vLLM's behaviour): clients send newer parameters (`store`, `metadata`,
   `service_tier`, ...) that do not change generation here. Fields that would change it and are not
   supported (`logit_bias`, non-zero penalties, structured `response_format`, `suffix`, images) are
@@ -16,17 +20,31 @@ Design decisions:
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_STOP = 16            # stop strings per request
 MAX_STOP_LEN = 512       # characters per stop string
 MAX_TOP_LOGPROBS = 20
 
 
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]       # 5 or 5.0; not 5.5, "5" or true
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict) and any(v is None for v in data.values()):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 # ====================================================================== errors
@@ -120,16 +138,16 @@ class ResponseFormat(_Model):
 class _SamplingFields(_Model):
     """Sampling fields shared by /v1/chat/completions and /v1/completions (OpenAI + vLLM extras)."""
     model: str
-    n: int = Field(1, ge=1)
+    n: Int = Field(1, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)
+    top_k: Optional[Int] = Field(None, ge=-1)
     min_p: Optional[float] = Field(None, ge=0, le=1)
-    seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    min_tokens: int = Field(0, ge=0)
+    seed: Optional[Annotated[int, Field(ge=0, lt=2 ** 63), BeforeValidator(_integral)]] = None  # (bound printed exactly)
+    max_tokens: Optional[Int] = Field(None, ge=1)
+    min_tokens: Int = Field(0, ge=0)
     stop: Union[str, list[str], None] = None
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[Int]] = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     stream: bool = False
@@ -143,25 +161,25 @@ class _SamplingFields(_Model):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[Int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[ToolDef]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
     reasoning_effort: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    thinking_budget: Optional[int] = Field(None, ge=0)
+    thinking_budget: Optional[Int] = Field(None, ge=0)
     response_format: Optional[ResponseFormat] = None
     skip_special_tokens: bool = False
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt: Union[str, list[str], list[Int], list[list[Int]]]
+    logprobs: Optional[Int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: Optional[str] = None
-    best_of: Optional[int] = None
+    best_of: Optional[Int] = None
     skip_special_tokens: bool = True
 
 
@@ -310,7 +328,7 @@ class AnthropicToolChoice(_Model):
 
 class AnthropicThinking(_Model):
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: Optional[int] = Field(None, ge=0)
+    budget_tokens: Optional[Int] = Field(None, ge=0)
 
 
 class AnthropicTextBlock(_Model):
@@ -320,13 +338,13 @@ class AnthropicTextBlock(_Model):
 
 class MessagesRequest(_Model):
     model: str
-    max_tokens: int = Field(ge=1)
+    max_tokens: Int = Field(ge=1)
     messages: list[AnthropicMessage]
     system: Union[str, list[AnthropicTextBlock], None] = None
     stop_sequences: Optional[list[str]] = None
     temperature: Optional[float] = Field(None, ge=0, le=1)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
+    top_k: Optional[Int] = Field(None, ge=0)
     tools: Optional[list[AnthropicTool]] = None
     tool_choice: Optional[AnthropicToolChoice] = None
     thinking: Optional[AnthropicThinking] = None
