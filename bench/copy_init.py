@@ -16,6 +16,9 @@ Arms (all d = 64, 4 query / 2 KV heads of 16, relu2 / SiLU MLPs 4d wide):
   i.e. transformers' NemotronH init (normal(S) linears/embeddings/conv, kaiming/sqrt(L) Mamba out_proj);
 - `ours-S-nogate`: the same with the Mamba gate removed (`norm(y)` instead of `norm(y * silu(z))`): an
   ablation of the architecture, to locate the plateau, not a model anyone ships;
+- `ours-S-z0`: `ours-S` with the gate's rows of each Mamba `in_proj` (z, the first d_inner outputs) set to
+  zero: the gate starts closed (silu(0) = 0) and is learned from the task instead of being a random
+  token-dependent sign (an init choice, the architecture unchanged);
 - `llama-rope` / `llama-nope`: transformers' `LlamaForCausalLM`, 2 attention layers, with and without its
   rotary embedding (Nemotron 3's attention has none: position must come from the Mamba layers).
 """
@@ -38,7 +41,7 @@ from nemotron3.model import NemotronHForCausalLM  # noqa: E402
 from nemotron3.model.norm import GatedRMSNorm  # noqa: E402
 
 VOCAB, LO, HI, L = 8192, 4, 512, 16
-ARMS = ["ours-0.02", "ours-0.1", "ours-0.02-nogate", "ours-0.1-nogate", "llama-rope", "llama-nope"]
+ARMS = ["ours-0.02", "ours-0.1", "ours-0.02-nogate", "ours-0.1-nogate", "ours-0.1-z0", "llama-rope", "llama-nope"]
 
 
 @contextlib.contextmanager
@@ -91,6 +94,11 @@ def build(arm: str, d: int):
                          mamba_head_dim=16, ssm_state_size=16, n_groups=1, chunk_size=16,
                          num_nextn_predict_layers=0, initializer_range=std)
     m = NemotronHForCausalLM(cfg)
+    if arm.endswith("-z0"):
+        with torch.no_grad():
+            for blk in m.backbone.layers:
+                if blk.kind == "M":
+                    blk.mixer.in_proj.weight[:blk.mixer.d_inner].zero_()
     return m, m, no_gate(arm.endswith("nogate"))
 
 
