@@ -1,7 +1,7 @@
-"""NVFP4 vs fp32 pretraining: the same model, init and data, trained with `--precision fp32` and `nvfp4`.
+"""NVFP4 (or bf16) vs fp32 pretraining: the same model, init and data, trained with `--precision fp32` and `nvfp4`.
 
     python bench/nvfp4_train.py [--recipe recipes/tiny-test.json] [--steps 200] [--hidden 128] [--seq 64]
-                                [--batch 8] [--sources stdlib/email ...]
+                                [--batch 8] [--sources stdlib/email ...] [--precisions fp32 bf16]
 
 Runs the real trainer (`nemotron3.train.pretrain.train`) twice into temporary directories with the same seed
 (so the same initial weights and the same batches), one thread. Prints the final train LM loss (mean of the
@@ -65,6 +65,8 @@ def main():
     ap.add_argument("--sources", nargs="+", default=["stdlib/email", "stdlib/asyncio", "stdlib/logging", "stdlib/http",
                                                      "stdlib/multiprocessing", "stdlib/json"],
                     help="corpus sources (~1.6 MB of stdlib: the runs stay under one epoch, no memorisation)")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "nvfp4"], choices=["fp32", "bf16", "nvfp4"],
+                    help="compared with the first (bf16: autocast, as `train.precision: bf16`)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +79,7 @@ def main():
                 "train.threads": 1}
         recipe = load_recipe(a.recipe, over)
         train_ds, val_ds = prepare_data(recipe, recipe["model"]["vocab_size"])
-        res = {p: run(recipe, p, tmp / p, val_ds) for p in ("fp32", "nvfp4")}
+        res = {p: run(recipe, p, tmp / p, val_ds) for p in a.precisions}
     m = recipe["model"]
     print(f"config: pattern {m['pattern']} hidden {m['hidden_size']} vocab {m['vocab_size']} | {a.steps} steps x "
           f"{a.batch} x {a.seq} tokens ({len(train_ds)} train rows) | seed {recipe['train']['seed']} | 1 thread")
@@ -86,11 +88,14 @@ def main():
         print(f"{p:6s} train LM loss (last 10) {r['train']:.4f} | val {r['val']:.4f} (checkpoint run in fp32: "
               f"{r['val_plain']:.4f}) | {r['tok_s']:,.0f} tok/s | "
               f"curve at 0/25/50/75%: {' '.join(f'{x:.3f}' for x in pts)}")
-    f, n = res["fp32"], res["nvfp4"]
-    print(f"relative gap nvfp4 vs fp32: train {(n['train'] - f['train']) / f['train']:+.2%} | "
-          f"val {(n['val'] - f['val']) / f['val']:+.2%} | val of the fp32 checkpoint "
-          f"{(n['val_plain'] - f['val_plain']) / f['val_plain']:+.2%} | "
-          f"nvfp4 speed {n['tok_s'] / f['tok_s']:.2f}x fp32 (emulated)")
+    base = a.precisions[0]
+    f = res[base]
+    for p in a.precisions[1:]:
+        n = res[p]
+        print(f"relative gap {p} vs {base}: train {(n['train'] - f['train']) / f['train']:+.2%} | "
+              f"val {(n['val'] - f['val']) / f['val']:+.2%} | val of the checkpoint run in fp32 "
+              f"{(n['val_plain'] - f['val_plain']) / f['val_plain']:+.2%} | "
+              f"{p} speed {n['tok_s'] / f['tok_s']:.2f}x {base}" + (" (emulated)" if p == "nvfp4" else ""))
 
 
 if __name__ == "__main__":

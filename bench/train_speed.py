@@ -39,7 +39,10 @@ def timeit(steps: dict, repeats: int) -> dict:
     return {name: (min(v), statistics.median(v)) for name, v in times.items()}
 
 
-def ours_step(model, t, depths, ids, labels):
+def ours_step(model, t, depths, ids, labels, bf16=False):
+    """One trainer step; `bf16` runs the forward under bf16 autocast as `train.precision: bf16` does."""
+    from contextlib import nullcontext
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)) if bf16 else nullcontext
     lm = TrainLoss(model, {**t, "mtp_depths": depths})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     D = lm.depths
@@ -49,7 +52,8 @@ def ours_step(model, t, depths, ids, labels):
 
     def step():
         lm.record(True)
-        loss, _ = lm(ids, labels, norm, 1)
+        with amp():
+            loss, _ = lm(ids, labels, norm, 1)
         loss.backward()
         lm.record(False)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -79,6 +83,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hf-experts", default="eager", help="transformers experts_implementation")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="also time our step under bf16 autocast (fast on CPUs "
+                    "with AVX512_BF16/AMX, ~20x slower without)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -97,6 +103,10 @@ def main():
         m = models[depths] = NemotronHForCausalLM(model_config(r)).train()
         m.load_state_dict(init)
         steps[f"ours (mtp_depths={depths})"] = ours_step(m, t, depths, ids, labels)
+        if a.bf16:
+            mb = NemotronHForCausalLM(model_config(r)).train()
+            mb.load_state_dict(init)
+            steps[f"ours bf16 (mtp_depths={depths})"] = ours_step(mb, t, depths, ids, labels, bf16=True)
     if not a.skip_hf:
         import transformers
         cfg = transformers.NemotronHConfig(**ours.config.to_dict(), experts_implementation=a.hf_experts,
@@ -116,6 +126,10 @@ def main():
     if not a.skip_hf:
         hf_t, ours_t = res[f"transformers ({a.hf_experts} experts)"][0], res["ours (mtp_depths=0)"][0]
         print(f"speedup, same work (transformers / ours at mtp_depths=0, min times): {hf_t / ours_t:.2f}x")
+    if a.bf16:
+        print(f"bf16 autocast vs fp32 (ours, mtp_depths=0, min times): "
+              f"{res['ours (mtp_depths=0)'][0] / res['ours bf16 (mtp_depths=0)'][0]:.2f}x; "
+              f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
 
 
 if __name__ == "__main__":

@@ -306,8 +306,24 @@ def test_nvfp4_resume_is_exact(data_dirs, tmp_path):
 
 
 def test_unknown_precision_rejected(data_dirs, tmp_path):
-    with pytest.raises(ValueError, match="fp32, bf16 or nvfp4"):
+    with pytest.raises(ValueError, match="fp32, bf16, nvfp4 or auto"):
         train(recipe(data_dirs, tmp_path, precision="fp8"), progress=False)
+
+
+def test_auto_precision_picks_bf16_only_with_native_bf16(data_dirs, tmp_path, monkeypatch):
+    """`auto` = bf16 autocast where bf16 matmuls are native (else emulated bf16 is ~20x slower than fp32)."""
+    import nemotron3.train.pretrain as pt
+    cpu = torch.device("cpu")
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(pt, "native_bf16", lambda device, native=native: native)
+        assert pt.resolve_precision("auto", cpu) == want
+        assert pt.resolve_precision("nvfp4", cpu) == "nvfp4" and pt.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.undo()
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert pt.native_bf16(cpu) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    r = recipe(data_dirs, tmp_path, total_steps=2, warmup_steps=1, precision="auto")
+    train(r, progress=False)
+    assert r["train"]["precision"] == ("bf16" if pt.native_bf16(cpu) else "fp32") and len(losses(tmp_path)) == 2
 
 
 def test_mixture_recipe_and_init_continue_from_a_model(data_dirs, tmp_path):
