@@ -19,6 +19,8 @@ Arms (all d = 64, 4 query / 2 KV heads of 16, relu2 / SiLU MLPs 4d wide):
 - `ours-S-z0`: `ours-S` with the gate's rows of each Mamba `in_proj` (z, the first d_inner outputs) set to
   zero: the gate starts closed (silu(0) = 0) and is learned from the task instead of being a random
   token-dependent sign (an init choice, the architecture unchanged);
+- `ours-S-emM`: `ours-S` plus one shared random vector (std M) added to every embedding row (the trainer's
+  `train.init_embedding_mean`): every gate channel then has a token-independent part;
 - `llama-rope` / `llama-nope`: transformers' `LlamaForCausalLM`, 2 attention layers, with and without its
   rotary embedding (Nemotron 3's attention has none: position must come from the Mamba layers).
 """
@@ -41,7 +43,7 @@ from nemotron3.model import NemotronHForCausalLM  # noqa: E402
 from nemotron3.model.norm import GatedRMSNorm  # noqa: E402
 
 VOCAB, LO, HI, L = 8192, 4, 512, 16
-ARMS = ["ours-0.02", "ours-0.1", "ours-0.02-nogate", "ours-0.1-nogate", "ours-0.1-z0", "llama-rope", "llama-nope"]
+ARMS = ["ours-0.02", "ours-0.1", "ours-0.02-nogate", "ours-0.1-nogate", "ours-0.1-z0", "ours-0.1-em0.1", "llama-rope", "llama-nope"]
 
 
 @contextlib.contextmanager
@@ -89,6 +91,7 @@ def build(arm: str, d: int):
         m = transformers.LlamaForCausalLM(cfg)
         return m, lambda ids: m(ids).logits, no_rope(arm == "llama-nope")
     std = float(arm.split("-")[1])
+    from nemotron3.train.pretrain import add_embedding_mean
     cfg = NemotronConfig(pattern="M*M-", vocab_size=VOCAB, hidden_size=d, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, intermediate_size=4 * d, mamba_num_heads=2 * d // 16,
                          mamba_head_dim=16, ssm_state_size=16, n_groups=1, chunk_size=16,
@@ -99,6 +102,8 @@ def build(arm: str, d: int):
             for blk in m.backbone.layers:
                 if blk.kind == "M":
                     blk.mixer.in_proj.weight[:blk.mixer.d_inner].zero_()
+    if "-em" in arm:
+        add_embedding_mean(m, float(arm.split("-em")[1]))
     return m, m, no_gate(arm.endswith("nogate"))
 
 

@@ -310,6 +310,17 @@ def test_unknown_precision_rejected(data_dirs, tmp_path):
         train(recipe(data_dirs, tmp_path, precision="fp8"), progress=False)
 
 
+def test_init_embedding_mean_adds_one_shared_vector(data_dirs, tmp_path):
+    """`train.init_embedding_mean` shifts every embedding row by the same seeded vector (from scratch only)."""
+    def emb(out, **kw):
+        train(recipe(data_dirs, out, total_steps=1, warmup_steps=1, lr=1e-12, **kw), progress=False)
+        return nemotron3.load(out / "model").backbone.embeddings.weight.float()
+    plain, shifted = emb(tmp_path / "a"), emb(tmp_path / "b", init_embedding_mean=0.5)
+    diff = shifted - plain                                  # same seed: same init, then the shared shift
+    assert torch.allclose(diff, diff[:1].expand_as(diff), atol=2e-2)       # one vector for every row (bf16 export)
+    assert 0.3 < diff[0].std().item() < 0.7 and plain.mean(0).abs().max() < 0.1
+
+
 def test_auto_precision_picks_bf16_only_with_native_bf16(data_dirs, tmp_path, monkeypatch):
     """`auto` = bf16 autocast where bf16 matmuls are native (else emulated bf16 is ~20x slower than fp32)."""
     import nemotron3.train.pretrain as pt
