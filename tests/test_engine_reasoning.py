@@ -149,6 +149,29 @@ def test_stop_strings(text_llm):
     assert kept.text == full[:first + len(stop)]
 
 
+
+def test_stop_strings_wait_for_min_tokens_and_stop_token_text(text_llm):
+    """vLLM: a stop string counts only where it ends in the text of a token past `min_tokens`; a stop
+    token's own text is in the output only with include_stop_str_in_output."""
+    tok = text_llm.tokenizer
+    sp = dict(temperature=0, max_tokens=30, ignore_eos=True, skip_special_tokens=False)
+    c = text_llm.generate("Hello", SamplingParams(**sp))[0].outputs[0]
+    texts = [tok.decode(c.token_ids[:t], skip_special_tokens=False) for t in range(31)]
+    t1 = next(t for t in range(1, 31) if len(texts[t]) > len(texts[t - 1]))     # the first token with text
+    stop = texts[t1][-1]
+    later = next(t for t in range(t1 + 2, 31) if stop in texts[t][len(texts[t - 1]) - len(stop) + 1:])
+    out = text_llm.generate("Hello", SamplingParams(stop=[stop], min_tokens=t1, **sp))[0].outputs[0]
+    assert len(out.token_ids) == later and out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == texts[later][:texts[later].index(stop, len(texts[later - 1]) - len(stop) + 1)]
+    first = next(t for t in range(t1 + 1, 31) if c.token_ids.index(c.token_ids[t - 1]) == t - 1
+                 and len(texts[t]) > len(texts[t - 1]) and not texts[t].endswith("\ufffd"))
+    stop_id = c.token_ids[first - 1]
+    for inc in (False, True):
+        out = text_llm.generate("Hello", SamplingParams(stop_token_ids=[stop_id], include_stop_str_in_output=inc,
+                                                        **sp))[0].outputs[0]
+        assert out.token_ids == c.token_ids[:first] and out.stop_reason == stop_id
+        assert out.text == texts[first if inc else first - 1]
+
 def test_chat_uses_the_template_and_reasoning_modes(text_llm):
     tok = text_llm.tokenizer
     msgs = [{"role": "user", "content": "hi"}]

@@ -163,3 +163,30 @@ def test_losslessness_test_has_power(monkeypatch):
     counts, acc = sample_first_tokens(model, prompt, 2, N, V)
     pvalue, _ = chi_square_pvalue(counts, exact_joint(model, prompt, V).flatten() * N)
     assert acc == 1.0 and pvalue < 1e-6
+
+
+def test_mamba_layers_in_the_mtp_block_roll_back():
+    """An MTP block with a Mamba layer (mtp_pattern 'M*E'): its recurrent state keeps the MTP invariant
+    (entries < num_computed - 1) as its K/V length does; the pending last entry, the rejected entries and
+    the draft entries are undone. So a seeded sampled request gives the same tokens when its prompt is
+    restored from the prefix cache, and the state saved at a request's end equals a fresh prefill's."""
+    model = tiny_model(0, pattern="M*EM", mtp_pattern="M*E")
+    p = torch.randint(12, 96, (11,), generator=torch.Generator().manual_seed(0)).tolist()
+    sp = SamplingParams(temperature=1.0, seed=0, max_tokens=12, ignore_eos=True)
+    alone = LLM(model, num_speculative_tokens=2, enable_prefix_caching=False).generate([p], sp)[0]
+    llm = LLM(model, num_speculative_tokens=2)
+    assert llm.generate([p, [7, 8, 9]], sp)[0].outputs[0].token_ids == alone.outputs[0].token_ids
+    again = llm.generate([p], sp)[0]
+    assert again.metrics.num_cached_tokens == len(p)
+    assert again.outputs[0].token_ids == alone.outputs[0].token_ids
+    seen = p + alone.outputs[0].token_ids[:-1]
+    end = llm.engine.prefix_cache.lookup(seen)
+    fresh = LLM(model, num_speculative_tokens=2)
+    fresh.generate([seen], SamplingParams(temperature=0, max_tokens=1))
+    ref = fresh.engine.prefix_cache.lookup(seen)
+    assert end.length == ref.length == len(seen) and end.state.mtp_length == ref.state.mtp_length
+    for i in ref.state.conv:
+        torch.testing.assert_close(end.state.conv[i], ref.state.conv[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(end.state.ssm[i], ref.state.ssm[i], rtol=1e-4, atol=1e-5)
+    for i in ref.state.k:
+        torch.testing.assert_close(end.state.k[i], ref.state.k[i], rtol=1e-4, atol=1e-5)

@@ -380,13 +380,18 @@ class LLMEngine:
             seq.cumulative_logprob += logprob[token].logprob
         self._touched[seq.request_id] = None
         if token in seq.stop_ids:
+            if seq.params.include_stop_str_in_output and self.tokenizer is not None:
+                self._detokenize(seq, token)           # vLLM: the stop token's text is kept only then
             self._finish(seq, "stop", None if token in self.eos_ids and token not in seq.params.stop_token_ids
                          else token)
             return
         if self.tokenizer is not None:
             before = len(seq.text)
             self._detokenize(seq, token)
-            if seq.params.stop and len(seq.text) > before and self._check_stop_strings(seq, before):
+            # vLLM: stop strings count only once more than min_tokens tokens exist, and only where they end
+            # in the text of such a token
+            if seq.params.stop and len(seq.text) > before and len(seq.output_ids) > seq.params.min_tokens \
+                    and self._check_stop_strings(seq, before):
                 return
         if len(seq.output_ids) >= seq.max_tokens:
             self._finish(seq, "length")
@@ -538,8 +543,13 @@ class LLMEngine:
             if live:
                 lv = [seqs[b] for b in live]
                 ids = torch.tensor([[s.output_ids[-1]] for s in lv], dtype=torch.long, device=self.model.device)
-                mh = self.model.mtp_hidden_states(hid[live][:, None], ids, 1, self.cache, [s.slot for s in lv])[:, 0]
+                lslots = [s.slot for s in lv]
+                # the MTP block's Mamba state (if it has Mamba layers) stays after entry P-2, as its K/V
+                # length does (mtp_length = num_computed - 1): entry P-1 is written again next round
+                saved = self.cache.mtp_mamba_state(lslots)
+                mh = self.model.mtp_hidden_states(hid[live][:, None], ids, 1, self.cache, lslots)[:, 0]
                 draft(self.model, self.cache, lv, self.logits(mh), mh, self.k, self._constraint, self.logits)
+                self.cache.set_mtp_mamba_state(lslots, saved)
         for s in seqs:
             self._save_prefix(s)                       # end of prompt (n > 1 siblings and retries reuse it)
 
@@ -616,15 +626,26 @@ class LLMEngine:
         mtp_ids = [[s.token(t0[b] + j) if t0[b] + j < s.prompt_len + len(s.output_ids) else 0
                     for j in range(k + 2)] for b, s in enumerate(seqs)]
         hid = torch.cat([prev[:, None], H], 1)                                  # [B, k+2, d]
-        mh = m.mtp_hidden_states(hid, torch.tensor(mtp_ids, dtype=torch.long, device=dev), 1, self.cache, slots)
+        mh = m.mtp_hidden_states(hid, torch.tensor(mtp_ids, dtype=torch.long, device=dev), 1, self.cache, slots,
+                                 record_states=True)
         last = mh[torch.arange(B), torch.tensor(keep) + 1]                    # [B, d]
         for b, s in enumerate(seqs):
             self.cache.mtp_lengths[s.slot] = t0[b] + keep[b] + 1 if not s.finished else s.num_computed - 1
         live = [b for b, s in enumerate(seqs) if not s.finished]
+        # Mamba layers of the MTP block (if any) roll back like the backbone's: the state after entry
+        # t0-1+keep (entries < num_computed - 1, the invariant) is kept; drafting starts one entry later
+        rec = self.cache.recorded
+        self.cache.keep_recorded(slots, keep)
         if live:
             sel = torch.tensor(live)
+            lslots = [slots[b] for b in live]
+            saved = self.cache.mtp_mamba_state(lslots)
+            if rec:
+                self.cache.recorded = {i: (c[sel], st[sel]) for i, (c, st) in rec.items()}
+                self.cache.keep_recorded(lslots, [keep[b] + 1 for b in live])
             draft(m, self.cache, [seqs[b] for b in live], self.logits(last[sel]), last[sel], k, self._constraint,
                   self.logits)
+            self.cache.set_mtp_mamba_state(lslots, saved)
 
     # ------------------------------------------------------------------ outputs
     def _output(self, req: _Request) -> RequestOutput:

@@ -110,6 +110,18 @@ class HybridCache:
             self.ssm[layer][dev_slots] = ssm[rows, index].to(self.ssm[layer].dtype)
         self.recorded = {}
 
+    def mtp_mamba_state(self, slots) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the MTP block's Mamba states (conv, ssm) of `slots` ({} when the MTP block has no
+        Mamba layer): what the engine puts back after drafting appended temporary MTP entries."""
+        idx = torch.as_tensor(slots, dtype=torch.long).to(self.device)
+        return {i: (self.conv[i][idx].clone(), self.ssm[i][idx].clone()) for i in self.conv if self.is_mtp_layer(i)}
+
+    def set_mtp_mamba_state(self, slots, state: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        idx = torch.as_tensor(slots, dtype=torch.long).to(self.device)
+        for i, (conv, ssm) in state.items():
+            self.conv[i][idx] = conv
+            self.ssm[i][idx] = ssm
+
     # ---- whole-slot state: snapshot / restore / copy ----
     def snapshot(self, slot: int, length: int | None = None, mtp_length: int | None = None) -> "SlotState":
         """Copy of one slot's state: Mamba states as they are now, K/V of positions < `length` (default:

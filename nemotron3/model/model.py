@@ -191,9 +191,11 @@ class NemotronHForCausalLM(nn.Module):
         h = self.mtp_hidden_states(hidden, next_ids, depth, cache, slots)
         return self.logits(h), h
 
-    def mtp_hidden_states(self, hidden, next_ids, depth: int = 1, cache: HybridCache | None = None, slots=None):
+    def mtp_hidden_states(self, hidden, next_ids, depth: int = 1, cache: HybridCache | None = None, slots=None,
+                          record_states: bool = False):
         """`mtp_step` without the logits (the engine drafts from one position per row, so it applies
-        `logits` to the rows it needs: lm_head over every row would cost as much as the backbone)."""
+        `logits` to the rows it needs: lm_head over every row would cost as much as the backbone).
+        `record_states`: as in `hidden_states`, for Mamba layers of the MTP block (an `mtp_pattern` with `M`)."""
         if self.mtp is None:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
         self._check_ids(next_ids)
@@ -204,7 +206,9 @@ class NemotronHForCausalLM(nn.Module):
                              f"matching next_ids {tuple(next_ids.shape)}")
         if cache is not None:
             self._check_cache(cache)
-        rows = None if cache is None else cache.rows(slots, next_ids.shape[0], mtp=True)
+        if record_states and cache is None:
+            raise ValueError("record_states needs a cache")
+        rows = None if cache is None else cache.rows(slots, next_ids.shape[0], mtp=True, record=record_states)
         h = self.mtp(hidden, self.backbone.embeddings(next_ids), depth, rows)
         if rows is not None:
             rows.advance(next_ids.shape[1])
