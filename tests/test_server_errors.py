@@ -324,11 +324,24 @@ def test_stream_disconnect_aborts(srv):
 
 
 def test_non_stream_disconnect_aborts(srv):
+    """A non-streaming client that hangs up mid-generation aborts its request. The socket closes only once
+    the engine is decoding for it (a fixed client timeout could fire before the request is admitted on a
+    loaded machine, and then there is nothing to abort)."""
+    import socket
+    import time
+    from urllib.parse import urlparse
     url, engine = srv
-    body = {"model": "tiny", "messages": MSG, "max_tokens": 450, "ignore_eos": True}
+    body = json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 450, "ignore_eos": True}).encode()
     before, aborted = engine.stats.decode_tokens, aborts(url)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    u = urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    t = time.time()
+    while engine.stats.decode_tokens - before < 5 and time.time() - t < 20:
+        time.sleep(0.005)
+    sock.close()
+    assert engine.stats.decode_tokens - before >= 5, "the request never started decoding"
     assert wait_idle(engine), "the engine kept generating for a client that left"
     assert engine.stats.decode_tokens - before < 400 and aborts(url) == aborted + 1
     assert sorted(engine.scheduler.free_slots) == list(range(engine.max_num_seqs))
