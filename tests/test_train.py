@@ -431,3 +431,18 @@ def test_init_learns_in_context_copying():
         loss.backward()
         opt.step()
     assert loss.item() < 1.0          # chance is ln(60) = 4.1
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "longctx", "rl", "mtp_boost"])
+def test_stage_clis_report_user_errors_in_one_line(stage, tmp_path, capsys):
+    """Every training stage's CLI turns a user mistake into exit status 2 and one `error:` line (argparse's
+    convention), not a traceback: here a missing recipe file and a malformed one."""
+    import importlib
+    main = importlib.import_module(f"nemotron3.train.{stage}").main
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for argv in ([str(tmp_path / "missing.json")], [str(bad)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, (argv, err)

@@ -43,18 +43,15 @@ def resolve_retrieval(recipe: dict) -> dict:
 
 
 def main(argv=None):
-    from .pretrain import load_recipe, stage_overrides, stage_parser, train
+    from .pretrain import load_recipe, run_stage, stage_overrides, stage_parser, train
     ap = stage_parser("python -m nemotron3.train.longctx", __doc__)
     ap.add_argument("--init", help="model dir to extend (overrides the recipe's init)")
     a = ap.parse_args(argv)
     over = stage_overrides(a)
     if a.init:
         over["init"] = a.init
-    recipe = resolve_retrieval(load_recipe(a.recipe, over))
-    try:
-        train(recipe, resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress)
-    except (FileExistsError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    run_stage(ap, lambda: train(resolve_retrieval(load_recipe(a.recipe, over)), resume=a.resume,
+                                max_steps=a.max_steps, progress=not a.no_progress))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from .. import checkpoint
 from ..engine import LLM, SamplingParams
-from .pretrain import (apply_overrides, export, find_checkpoint, load_checkpoint, save_checkpoint, stage_overrides,
-                       stage_parser)
+from .pretrain import (apply_overrides, export, find_checkpoint, load_checkpoint, run_stage, save_checkpoint,
+                       stage_overrides, stage_parser)
 from .rollout import prompt_tokens, rollout
 
 BOOST_DEFAULTS = dict(depths=3, steps=200, lr=3e-4, warmup_steps=10, batch_size=8, temperature=2.0,
@@ -206,10 +206,8 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
 def main(argv=None):
     ap = stage_parser("python -m nemotron3.train.mtp_boost", __doc__, progress=False)
     args = ap.parse_args(argv)
-    try:
-        train(load_recipe(args.recipe, stage_overrides(args)), resume=args.resume, max_steps=args.max_steps)
-    except (FileExistsError, ValueError) as e:
-        ap.exit(2, f"error: {e}\n")
+    run_stage(ap, lambda: train(load_recipe(args.recipe, stage_overrides(args)), resume=args.resume,
+                                max_steps=args.max_steps))
 
 
 if __name__ == "__main__":

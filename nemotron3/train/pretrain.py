@@ -676,6 +676,15 @@ def stage_parser(prog: str, doc: str, progress: bool = True) -> argparse.Argumen
     return ap
 
 
+def run_stage(ap: argparse.ArgumentParser, fn):
+    """Run a stage CLI's work; a user mistake (missing recipe or model, bad recipe value, existing checkpoint
+    without --resume, unsupported setting) exits with status 2 and one `error:` line, as argparse does."""
+    try:
+        return fn()
+    except (FileNotFoundError, FileExistsError, NotImplementedError, ValueError) as e:
+        ap.exit(2, f"error: {e}\n")
+
+
 def stage_overrides(a: argparse.Namespace) -> dict:
     """`--set` pairs plus `--out-dir` as recipe overrides."""
     over = parse_overrides(a.set)
@@ -695,7 +704,7 @@ def main(argv=None):
         over["train.precision"] = a.precision
     if a.device:
         over["train.device"] = a.device
-    recipe = load_recipe(a.recipe, over)
+    recipe = run_stage(ap, lambda: load_recipe(a.recipe, over))
     if recipe["train"]["device"] == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device available")
     if a.export:
@@ -703,9 +712,7 @@ def main(argv=None):
         print(export(out / "checkpoint", out / "model", "bfloat16", recipe["data"]["tokenizer_dir"]))
         return
     try:
-        train(recipe, resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress)
-    except (NotImplementedError, FileExistsError) as e:
-        ap.exit(2, f"error: {e}\n")
+        run_stage(ap, lambda: train(recipe, resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

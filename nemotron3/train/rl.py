@@ -43,8 +43,8 @@ import torch
 
 from .. import checkpoint
 from ..engine import LLM, SamplingParams
-from .pretrain import (apply_overrides, export, find_checkpoint, load_checkpoint, param_groups, save_checkpoint,
-                       stage_overrides, stage_parser)
+from .pretrain import (apply_overrides, export, find_checkpoint, load_checkpoint, param_groups, run_stage,
+                       save_checkpoint, stage_overrides, stage_parser)
 from .rollout import Rollout, rollout
 
 RL_DEFAULTS = dict(
@@ -428,10 +428,8 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
 def main(argv=None):
     ap = stage_parser("python -m nemotron3.train.rl", __doc__, progress=False)
     a = ap.parse_args(argv)
-    try:
-        train(load_recipe(a.recipe, stage_overrides(a)), resume=a.resume, max_steps=a.max_steps)
-    except (FileExistsError, ValueError) as e:
-        ap.exit(2, f"error: {e}\n")
+    run_stage(ap, lambda: train(load_recipe(a.recipe, stage_overrides(a)), resume=a.resume,
+                                max_steps=a.max_steps))
 
 
 if __name__ == "__main__":

@@ -151,13 +151,11 @@ def sft_recipe(recipe: dict) -> dict:
 
 
 def main(argv=None):
-    from .pretrain import load_recipe, stage_overrides, stage_parser, train
-    a = stage_parser("python -m nemotron3.train.sft", __doc__).parse_args(argv)
-    recipe = load_recipe(a.recipe, stage_overrides(a))
-    try:
-        train(sft_recipe(recipe), resume=a.resume, max_steps=a.max_steps, progress=not a.no_progress)
-    except (FileExistsError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    from .pretrain import load_recipe, run_stage, stage_overrides, stage_parser, train
+    ap = stage_parser("python -m nemotron3.train.sft", __doc__)
+    a = ap.parse_args(argv)
+    run_stage(ap, lambda: train(sft_recipe(load_recipe(a.recipe, stage_overrides(a))), resume=a.resume,
+                                max_steps=a.max_steps, progress=not a.no_progress))
 
 
 if __name__ == "__main__":
