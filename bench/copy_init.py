@@ -1,6 +1,7 @@
 """In-context copying from scratch: how fast each initialisation / architecture leaves the plateau.
 
 `python bench/copy_init.py [--steps 600] [--arms ours-0.02 ours-0.1 ...] [--json runs/copy_init.json]`
+`python bench/copy_init.py --recipe recipes/pico.json --arms ours-0.1 ours-0.1-em0.1 --steps 3000`  (pico's size)
 
 Why: pico's post-training skills all need copying from the context (numbers into a tool call, the tool's
 result into the answer), and pico's base never learned to copy (models/pico/README.md). This measures, on
@@ -80,8 +81,9 @@ def no_rope(active: bool):
         llama.apply_rotary_pos_emb = orig
 
 
-def build(arm: str, d: int):
-    """(model, forward: ids -> logits, context manager for the arm's ablation)."""
+def build(arm: str, d: int, recipe: str | None = None):
+    """(model, forward: ids -> logits, context manager for the arm's ablation). With `recipe`, the `ours`
+    arms use that recipe's model config (MTP off, initializer_range from the arm) instead of the d-wide one."""
     torch.manual_seed(0)
     if arm.startswith("llama"):
         import transformers
@@ -92,6 +94,15 @@ def build(arm: str, d: int):
         return m, lambda ids: m(ids).logits, no_rope(arm == "llama-nope")
     std = float(arm.split("-")[1])
     from nemotron3.train.pretrain import add_embedding_mean
+    if recipe:
+        mc = {**json.loads(Path(recipe).read_text())["model"], "initializer_range": std,
+              "num_nextn_predict_layers": 0}
+        if mc.get("vocab_size", VOCAB) < HI:
+            raise SystemExit(f"{recipe}: vocab_size must be >= {HI} for this task")
+        m = NemotronHForCausalLM(NemotronConfig(**mc))
+        if "-em" in arm:
+            add_embedding_mean(m, float(arm.split("-em")[1]))
+        return m, m, no_gate(arm.endswith("nogate"))
     cfg = NemotronConfig(pattern="M*M-", vocab_size=VOCAB, hidden_size=d, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, intermediate_size=4 * d, mamba_num_heads=2 * d // 16,
                          mamba_head_dim=16, ssm_state_size=16, n_groups=1, chunk_size=16,
@@ -107,8 +118,8 @@ def build(arm: str, d: int):
     return m, m, no_gate(arm.endswith("nogate"))
 
 
-def train(arm: str, steps: int, d: int, batch: int, lr: float, log_every: int) -> dict:
-    model, fwd, ablation = build(arm, d)
+def train(arm: str, steps: int, d: int, batch: int, lr: float, log_every: int, recipe=None) -> dict:
+    model, fwd, ablation = build(arm, d, recipe)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     ema, curve, solved, t0 = None, {}, None, time.perf_counter()
@@ -138,6 +149,7 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--recipe", help="run the `ours` arms at this recipe's model config (e.g. recipes/pico.json)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -146,7 +158,9 @@ def main(argv=None):
     res = {}
     for arm in args.arms:
         print(f"== {arm}", flush=True)
-        res[arm] = train(arm, args.steps, args.d, args.batch, args.lr, log_every)
+        if args.recipe and arm.startswith("llama"):
+            continue
+        res[arm] = train(arm, args.steps, args.d, args.batch, args.lr, log_every, args.recipe)
     cols = sorted(next(iter(res.values()))["curve"])
     print(f"\nloss on the second copy (EMA), chance ln {HI - LO} = {math.log(HI - LO):.2f}\n")
     print("| arm | params | " + " | ".join(f"step {c}" for c in cols) + " | first step < 1.0 |")
