@@ -99,14 +99,12 @@ def build(arm: str, d: int, recipe: str | None = None):
               "num_nextn_predict_layers": 0}
         if mc.get("vocab_size", VOCAB) < HI:
             raise SystemExit(f"{recipe}: vocab_size must be >= {HI} for this task")
-        m = NemotronHForCausalLM(NemotronConfig(**mc))
-        if "-em" in arm:
-            add_embedding_mean(m, float(arm.split("-em")[1]))
-        return m, m, no_gate(arm.endswith("nogate"))
-    cfg = NemotronConfig(pattern="M*M-", vocab_size=VOCAB, hidden_size=d, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, intermediate_size=4 * d, mamba_num_heads=2 * d // 16,
-                         mamba_head_dim=16, ssm_state_size=16, n_groups=1, chunk_size=16,
-                         num_nextn_predict_layers=0, initializer_range=std)
+        cfg = NemotronConfig(**mc)
+    else:
+        cfg = NemotronConfig(pattern="M*M-", vocab_size=VOCAB, hidden_size=d, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, intermediate_size=4 * d,
+                             mamba_num_heads=2 * d // 16, mamba_head_dim=16, ssm_state_size=16, n_groups=1,
+                             chunk_size=16, num_nextn_predict_layers=0, initializer_range=std)
     m = NemotronHForCausalLM(cfg)
     if arm.endswith("-z0"):
         with torch.no_grad():

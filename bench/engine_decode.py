@@ -160,10 +160,11 @@ def section_context(args, out):
 
 
 def mtp_model(args):
+    """(model, description, its directory or None)."""
     if args.mtp_model:
-        return load(args.mtp_model), args.mtp_model
+        return load(args.mtp_model), args.mtp_model, args.mtp_model
     if (ROOT / "models" / "pico").exists():
-        return load(ROOT / "models" / "pico"), "models/pico"
+        return load(ROOT / "models" / "pico"), "models/pico", ROOT / "models" / "pico"
     ck = ROOT / "runs" / "pico" / "checkpoint"
     if (ck / "model.safetensors").exists():
         step = "?"
@@ -171,8 +172,8 @@ def mtp_model(args):
             step = json.loads((ck / "trainer" / "state.json").read_text()).get("step", "?")
         except (OSError, ValueError):
             pass
-        return load(ck), f"runs/pico/checkpoint (in-progress training run, step {step}; models/pico absent)"
-    return random_model(), "random pico-size weights (no trained model yet: acceptance ~0)"
+        return load(ck), f"runs/pico/checkpoint (in-progress training run, step {step}; models/pico absent)", None
+    return random_model(), "random pico-size weights (no trained model yet: acceptance ~0)", None
 
 
 def mtp_prompts(vocab, model_dir=None):
@@ -188,8 +189,7 @@ def mtp_prompts(vocab, model_dir=None):
 
 
 def section_mtp(args, out):
-    model, name = mtp_model(args)
-    model_dir = args.mtp_model or (ROOT / "models" / "pico" if name == "models/pico" else None)
+    model, name, model_dir = mtp_model(args)
     ps, pname = mtp_prompts(model.config.vocab_size, model_dir)
     N = args.tokens * 2
     print(f"[mtp] self-speculative decoding on {name}; prompts: {pname}; batch 1, {N} greedy tokens each, "

@@ -169,18 +169,18 @@ class NemotronConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(len(self.pattern) > 0, "hybrid_override_pattern: the layer pattern is empty")
-        for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
-                     "chunk_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                 f"{name}: expected a positive integer, got {v!r}")
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(len(self.pattern) > 0, "hybrid_override_pattern: the layer pattern is empty")
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
+                     "chunk_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):
+            v = getattr(self, name)
+            need(is_int(v) and v > 0, f"{name}: expected a positive integer, got {v!r}")
 
         need(is_int(self.num_nextn_predict_layers) and self.num_nextn_predict_layers >= 0,
              f"num_nextn_predict_layers: expected an integer >= 0, got {self.num_nextn_predict_layers!r}")

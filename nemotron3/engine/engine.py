@@ -83,10 +83,14 @@ def _encode(tok, text: str) -> list[int]:
         return list(tok.encode(text))
 
 
+def _int_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _int_scalar(t) -> bool:
     """A numpy integer or a 0-d integer tensor (accepted as a token id, as an int is)."""
     if isinstance(t, torch.Tensor):
-        return t.dim() == 0 and not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+        return t.dim() == 0 and _int_dtype(t.dtype)
     return hasattr(t, "__index__") and not isinstance(t, bool) and type(t).__name__.startswith(("int", "uint"))
 
 
@@ -204,7 +208,7 @@ class LLMEngine:
                 raise ValueError(f"a token-id prompt must hold integers, got {type(bad[0]).__name__} {bad[0]!r}")
             text, ids = None, [int(t) for t in prompt]
         elif isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
-            if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            if not _int_dtype(prompt.dtype):
                 raise ValueError(f"a token-id tensor prompt must have an integer dtype, got {prompt.dtype}")
             text, ids = None, prompt.tolist()
         else:
@@ -287,13 +291,7 @@ class LLMEngine:
         self.requests.clear()
         self._finished.clear()
         self._touched.clear()
-        s = self.scheduler
-        for seq in (*s.waiting, *s.running):
-            seq.slot = None
-        s.waiting.clear()
-        s.running.clear()
-        s.wait_for.clear()
-        s.free_slots = list(range(s.max_num_seqs))
+        self.scheduler.reset()
 
     # ------------------------------------------------------------------ cache hooks
     def _admit(self, seq: Sequence) -> None:

@@ -118,6 +118,15 @@ class Scheduler:
         self.wait_for: dict[tuple[str, int], Sequence] = {}   # sibling that must prefill first
 
     # ---- bookkeeping ----
+    def reset(self) -> None:
+        """Forget every sequence and free every slot (the engine's recovery after a failed step)."""
+        for seq in (*self.waiting, *self.running):
+            seq.slot = None
+        self.waiting.clear()
+        self.running.clear()
+        self.wait_for.clear()
+        self.free_slots = list(range(self.max_num_seqs))
+
     def add(self, seq: Sequence, after: Sequence | None = None) -> None:
         """Queue a sequence; `after`: a sibling whose prompt prefill must finish first (prefix reuse)."""
         if after is not None:

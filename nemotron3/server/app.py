@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat.parsers import CALL_OPEN, Delta, StreamParser, ToolCall, parse_output
 from ..engine import LLM, AsyncLLMEngine, LLMEngine, SamplingParams
-from ..engine.engine import _encode
+from ..engine.engine import _LONE_SURROGATE, _encode
 from . import protocol as P
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -330,8 +330,7 @@ class Server:
             if k in kwargs:
                 v = kwargs.pop(k)
                 if v is not None:
-                    if isinstance(v, float) and v.is_integer():
-                        v = int(v)
+                    v = P.integral(v)
                     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                         raise APIError(400, f"{param_kwargs}.{k} must be an integer >= 0", param=param_kwargs)
                     budget = v
@@ -791,7 +790,6 @@ class GuardMiddleware:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _scrub_surrogates(obj):

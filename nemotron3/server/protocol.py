@@ -29,11 +29,12 @@ MAX_STOP_LEN = 512       # characters per stop string
 MAX_TOP_LOGPROBS = 20
 
 
-def _integral(v):
+def integral(v):
+    """An integral float (5.0) as an int; anything else unchanged (left to the field's own validation)."""
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-Int = Annotated[int, BeforeValidator(_integral)]       # 5 or 5.0; not 5.5, "5" or true
+Int = Annotated[int, BeforeValidator(integral)]       # 5 or 5.0; not 5.5, "5" or true
 
 
 class _Model(BaseModel):
@@ -143,7 +144,7 @@ class _SamplingFields(_Model):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[Int] = Field(None, ge=-1)
     min_p: Optional[float] = Field(None, ge=0, le=1)
-    seed: Optional[Annotated[int, Field(ge=0, lt=2 ** 63), BeforeValidator(_integral)]] = None  # (bound printed exactly)
+    seed: Optional[Annotated[int, Field(ge=0, lt=2 ** 63), BeforeValidator(integral)]] = None  # (bound printed exactly)
     max_tokens: Optional[Int] = Field(None, ge=1)
     min_tokens: Int = Field(0, ge=0)
     stop: Union[str, list[str], None] = None
