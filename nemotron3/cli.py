@@ -150,7 +150,7 @@ def cmd_eval(args) -> None:
         return cmd_eval_envs(args)
     import torch
     from .checkpoint import load
-    from .eval.lm import evaluate_lm
+    from .eval.lm import evaluate_lm, induction_score
     from .train.corpus import build_corpus
     from .train.data import PackedDataset
     from .train.tokenizer import load_tokenizer
@@ -162,6 +162,8 @@ def cmd_eval(args) -> None:
     tok = load_tokenizer(args.model)
     ds = PackedDataset.from_corpus(corpus, tok, args.seq_len, "val", shuffle=False)
     out = evaluate_lm(model, ds, args.batch_size, args.max_batches, args.mtp_depths)
+    out["induction"] = induction_score(model, model.config.vocab_size, batch_size=args.batch_size,
+                                       bos_id=tok.bos_id)
     print(json.dumps(out, indent=2))
 
 
@@ -294,8 +296,8 @@ def main(argv=None) -> None:
                    help="offer the demo calculator and sandboxed python tools and run the model's calls")
     s.set_defaults(fn=cmd_chat)
 
-    s = sub.add_parser("eval", help="held-out loss/perplexity/MTP accuracy (lm), RULER long-context retrieval "
-                                    "(ruler) or post-training env accuracy (envs)")
+    s = sub.add_parser("eval", help="held-out loss/perplexity/MTP accuracy and in-context copying (lm), RULER "
+                                    "long-context retrieval (ruler) or post-training env accuracy (envs)")
     s.add_argument("task", choices=["lm", "ruler", "envs"])
     s.add_argument("model", nargs="?", default=default_model())
     s.add_argument("--corpus", default=str(Path.home() / ".cache" / "nemotron3" / "corpus"),

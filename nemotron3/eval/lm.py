@@ -3,6 +3,11 @@
 MTP depth k at position t predicts token t+k+1 from the backbone's hidden state at t and the true
 tokens up to t+k (teacher forcing, as in training); its top-1 accuracy is the acceptance rate a greedy
 speculative decoder would see for the k-th draft if all earlier drafts were right.
+
+`induction_score` is the in-context copying probe (Olsson et al. 2022, "In-context learning and induction
+heads"): random tokens, then the same tokens again. Nothing in pretraining text predicts a random sequence, so
+the loss on its second copy falls below the first only if the model copies from its context: the skill every
+post-training environment needs (numbers from the question into a tool call, the tool's result into the answer).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.pretrain import IGNORE, mtp_labels
+from ..train.tokenizer import SPECIAL_TOKENS
 
 
 @torch.inference_mode()
@@ -39,3 +45,38 @@ def evaluate_lm(model, dataset, batch_size: int = 8, max_batches: int | None = N
     loss = nll / n
     return {"loss": loss, "perplexity": math.exp(loss), "next_token_accuracy": correct / n, "tokens": n,
             "mtp_accuracy": [h / max(c, 1) for h, c in zip(mtp_hit, mtp_n)]}
+
+
+@torch.inference_mode()
+def induction_score(model, vocab_size: int, length: int = 64, n: int = 32, batch_size: int = 8, seed: int = 0,
+                    low: int = len(SPECIAL_TOKENS), bos_id: int | None = 1) -> dict:
+    """Loss and top-1 accuracy on the first and the second copy of `n` rows [BOS] + s + s, each `s` `length`
+    tokens drawn uniformly from ids [low, vocab_size) (below `low`: our tokenizer's special tokens). The first token of each
+    copy is left out (unpredictable either way). `copy_gain` = first-copy loss - second-copy loss: ~0 for a
+    model that cannot copy, ~ln(vocab) for a perfect copier."""
+    if length < 2 or n < 1 or not 0 <= low < vocab_size - 1:
+        raise ValueError(f"induction_score needs length >= 2, n >= 1 and 0 <= low < vocab_size - 1, got "
+                         f"length={length}, n={n}, low={low}, vocab_size={vocab_size}")
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(low, vocab_size, (n, length), generator=g)
+    rows = torch.cat([seqs, seqs], 1)
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_id), rows], 1)
+    start = 0 if bos_id is None else 1                  # position of the first token of the first copy
+    nll, hit = torch.zeros(2), torch.zeros(2)
+    device = getattr(model, "device", torch.device("cpu"))
+    for b in range(0, n, batch_size):
+        x = rows[b:b + batch_size].to(device)
+        logp = F.log_softmax(model(x[:, :-1]).float(), -1)            # logits at t predict x[t+1]
+        tgt = x[:, 1:]
+        tok_nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).cpu()
+        tok_hit = (logp.argmax(-1) == tgt).float().cpu()
+        for c in range(2):                     # tgt[:, j] is x[:, j + 1]: tokens 2..L of copy c
+            sl = slice(start + c * length, start + (c + 1) * length - 1)
+            nll[c] += tok_nll[:, sl].sum()
+            hit[c] += tok_hit[:, sl].sum()
+    count = n * (length - 1)
+    first, second = (nll / count).tolist()
+    return {"first_copy_loss": first, "second_copy_loss": second, "copy_gain": first - second,
+            "first_copy_accuracy": hit[0].item() / count, "second_copy_accuracy": hit[1].item() / count,
+            "length": length, "rows": n}

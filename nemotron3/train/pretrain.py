@@ -456,6 +456,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def train(recipe: dict, resume: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
+    from ..eval.lm import induction_score
     t, d = recipe["train"], recipe["data"]
     t["precision"] = resolve_precision(t["precision"], torch.device(t["device"]))
     rank, world, local = (int(os.environ.get(k, dflt)) for k, dflt in
@@ -620,6 +621,10 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
             evaluating = step % t["eval_every"] == 0 or step == t["total_steps"]
             if evaluating:
                 val = rec["val_loss"] = evaluate()
+                if master:                  # in-context copying (eval/lm.py): ~0 until an induction head forms
+                    with autocast():
+                        rec["copy_gain"] = induction_score(model, cfg.vocab_size, n=16, batch_size=B,
+                                                           bos_id=cfg.bos_token_id)["copy_gain"]
             if step % t["log_every"] == 0 or evaluating:
                 log(rec)
             if bar is not None:
@@ -628,7 +633,8 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
                 bar.update(1)
             if master and evaluating:
                 plot(log_path, png)
-                msg = (f"step {step}/{t['total_steps']} | lm {lm:.4f} | val {val:.4f} | lr {lr:.2e} | "
+                msg = (f"step {step}/{t['total_steps']} | lm {lm:.4f} | val {val:.4f} | "
+                       f"copy gain {rec['copy_gain']:.2f} | lr {lr:.2e} | "
                        f"{state['tokens'] / max(state['elapsed'], 1e-9):,.0f} tok/s avg | {state['elapsed'] / 60:.1f} min")
                 bar.write(msg) if bar is not None else print(msg, file=sys.stderr, flush=True)
             if stop.flag or step % t["save_every"] == 0 or step == end:
