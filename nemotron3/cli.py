@@ -164,7 +164,11 @@ def cmd_eval(args) -> None:
     out = evaluate_lm(model, ds, args.batch_size, args.max_batches, args.mtp_depths)
     out["induction"] = induction_score(model, model.config.vocab_size, batch_size=args.batch_size,
                                        bos_id=tok.bos_id)
+    out["model"] = str(args.model)
     print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 def _csv(kind):

@@ -51,7 +51,8 @@ cp runs/pico-mtp-boost/acceptance.json "$EVAL/mtp-acceptance.json"
 FINAL=runs/pico-mtp-boost/model
 [ -d runs/pico-nvfp4 ] || $PY -m nemotron3.cli quantize "$FINAL" runs/pico-nvfp4 --recipe nvfp4-mixed
 
-# 9. evaluation tables (held-out test split of every environment; RULER before/after the extension + ablation)
+# 9. evaluation tables (held-out test split of every environment; validation loss and the copying probe per
+#    stage; RULER before/after the extension + ablation)
 ev() { [ -f "$EVAL/$1.json" ] || $PY -m nemotron3.cli eval envs "$2" --n 30 "${@:3}" --json "$EVAL/$1.json"; }
 ev base runs/pico/model
 ev sft runs/pico-sft/model
@@ -61,6 +62,14 @@ ev mopd runs/pico-mopd/model
 ev final "$FINAL"
 ev final-nvfp4 runs/pico-nvfp4
 for m in off regular medium budget=8; do ev "mode-${m/=/}" "$FINAL" --mode "$m"; done
+lm() { [ -f "$EVAL/lm-$1.json" ] || $PY -m nemotron3.cli eval lm "$2" --corpus runs/corpus --max-batches 8 --json "$EVAL/lm-$1.json" >/dev/null; }
+lm base runs/pico/model
+lm longctx runs/pico-longctx/model
+lm sft runs/pico-sft/model
+lm grpo runs/pico-grpo/model
+lm mopd runs/pico-mopd/model
+lm final "$FINAL"
+lm final-nvfp4 runs/pico-nvfp4
 for m in runs/pico/model runs/pico-longctx/model runs/ablation/noattn/model; do
   n=$(echo "$m" | tr / -)
   [ -f "$EVAL/ruler-$n.json" ] || $PY -m nemotron3.cli eval ruler "$m" --corpus runs/corpus --lengths 4096,16384 \

@@ -2,7 +2,7 @@
 
     python scripts/results_tables.py [EVAL_DIR]
 
-Prints: held-out accuracy per domain per stage, reasoning modes (accuracy and thinking tokens), NVFP4 vs BF16,
+Prints: held-out LM loss and in-context copying per stage, accuracy per domain per stage, reasoning modes (accuracy and thinking tokens), NVFP4 vs BF16,
 MTP acceptance before/after boosting, RULER task x length per model. Missing files are skipped.
 """
 import json
@@ -48,6 +48,24 @@ def env_table(rows, extra_cols=False):
     return "\n".join(out)
 
 
+def lm_table():
+    """Validation loss and the copying probe (`nemotron3 eval lm`) of every stage that has an lm-NAME.json."""
+    rows = [(label, load(f"lm-{name}")) for label, name in [("base (pretrained)", "base"),
+                                                            ("long-context stage", "longctx")] + STAGES[1:]]
+    rows = [(label, r) for label, r in rows if r is not None]
+    if not rows:
+        return ""
+    out = ["| model | val loss | MTP-1 acc | 1st copy loss | 2nd copy loss | copy gain | 2nd copy top-1 |",
+           "|---|---|---|---|---|---|---|"]
+    for label, r in rows:
+        i = r["induction"]
+        mtp = f"{r['mtp_accuracy'][0]:.3f}" if r["mtp_accuracy"] else "-"
+        out.append(f"| {label} | {r['loss']:.3f} | {mtp} | {i['first_copy_loss']:.2f} | {i['second_copy_loss']:.2f}"
+                   f" | {i['copy_gain']:.2f} | {i['second_copy_accuracy']:.2f} |")
+    return "\n".join(out) + (f"\n\n(corpus validation split; copying: {rows[0][1]['induction']['rows']} random sequences"
+                             f" of {rows[0][1]['induction']['length']} tokens, each repeated once)")
+
+
 def ruler_table():
     """One table: a row per (model, task), a column per length; cells "accuracy (samples)"."""
     cells, lengths = {}, set()
@@ -70,6 +88,9 @@ def ruler_table():
 
 
 def main():
+    lt = lm_table()
+    if lt:
+        print("### Language modelling and in-context copying per stage\n\n" + lt + "\n")
     print("### Held-out accuracy per stage\n")
     print(env_table(STAGES))
     print("\n### Reasoning modes (final model)\n")

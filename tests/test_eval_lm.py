@@ -94,8 +94,10 @@ def test_eval_lm_cli_reports_loss_and_copying(tmp_path, capsys):
     torch.manual_seed(0)
     save(randomize(NemotronHForCausalLM(small_config("M*E", vocab_size=300, num_nextn_predict_layers=1)).eval()),
          tmp_path / "model")
-    main(["eval", "lm", str(tmp_path / "model"), "--corpus", str(corpus), "--seq-len", "32", "--mtp-depths", "1"])
+    main(["eval", "lm", str(tmp_path / "model"), "--corpus", str(corpus), "--seq-len", "32", "--mtp-depths", "1",
+          "--json", str(tmp_path / "out" / "lm.json")])
     out = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "out" / "lm.json").read_text()) == out
     assert out["tokens"] > 0 and len(out["mtp_accuracy"]) == 1
     ind = out["induction"]
     assert ind["rows"] == 32 and ind["length"] == 64
