@@ -59,3 +59,20 @@ def test_copy_task_learns_only_the_repeated_span():
     assert not m[t == 0].any()
     with pytest.raises(ValueError, match="240 tokens"):
         copy_task_stream(corpus[:100], rows=2, seq_len=64)
+
+
+def test_copy_task_random_spans():
+    """span_ids: every copied span is drawn from the id range (not the text), its repeat is learned, the filler
+    between them is text."""
+    from nemotron3.train.data import copy_task_stream
+    text = np.full(5000, 7, dtype=np.int64)                   # a one-token "text": filler is all 7s
+    t, m = copy_task_stream(text, rows=6, seq_len=64, seed=1, span_ids=(100, 10**6))
+    assert m.sum() > 0
+    assert ((t == 7) | (t >= 100)).all()
+    assert (t[m == 1] >= 100).all()                            # only span tokens are learned
+    for i in np.nonzero(m)[0]:
+        # the learned token is the successor of the previous occurrence of the token before it
+        prev = np.nonzero(t[:i - 1] == t[i - 1])[0]
+        assert len(prev) and t[prev[-1] + 1] == t[i]
+    t2, _ = copy_task_stream(text, rows=6, seq_len=64, seed=1)
+    assert (t2 == 7).all()

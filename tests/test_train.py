@@ -374,6 +374,16 @@ def test_copy_component_in_a_mixture(data_dirs):
     wx, wy = want.batch(1, 3)
     assert torch.equal(torch.as_tensor(x), torch.as_tensor(wx)) and torch.equal(torch.as_tensor(y), torch.as_tensor(wy))
     assert (torch.as_tensor(y) == -100).float().mean() > 0.3          # filler and first spans are not learned
+    r["data"]["mix"][1]["spans"] = "random"                          # spans drawn from the non-special ids
+    train_set, _ = prepare_data(r, r["model"]["vocab_size"])
+    t, m = copy_task_stream(load_tokens(data_dirs / "corpus", tok), 6, 48, r["train"]["seed"],
+                            (max(tok.special_ids) + 1, tok.vocab_size))
+    want = PackedDataset(t, 48, tok.eos_id, seed=r["train"]["seed"], shuffle=True, loss_mask=m)
+    assert torch.equal(torch.as_tensor(train_set.components[1][0].batch(1, 3)[1]), torch.as_tensor(want.batch(1, 3)[1]))
+    r["data"]["mix"][1]["spans"] = "words"
+    with pytest.raises(ValueError, match="spans"):
+        prepare_data(r, r["model"]["vocab_size"])
+    r["data"]["mix"][1]["spans"] = "text"
     r["data"]["mix"][1]["rows"] = 0
     with pytest.raises(ValueError, match="rows"):
         prepare_data(r, r["model"]["vocab_size"])

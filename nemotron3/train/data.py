@@ -75,13 +75,19 @@ def load_tokens(corpus: str | os.PathLike, tokenizer, split: str = "train", cach
     return tokens
 
 
-def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0,
+                     span_ids: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic in-context copying ("induction") data: rows of `seq_len` tokens made of [span A, filler,
     span A again] blocks, spans cut from a real token stream (`tokens`, the corpus), loss only on the repeated
     span after its first token (which is not predictable). Induction heads form after billions of natural-text
     tokens (Olsson et al. 2022); pico sees ~2M, and its base did not copy at all (loss on the second copy of a
     repeated sequence equal to the first), while every environment needs copying from the context (question ->
     tool call -> answer). A data mix adds it as component {"source": "copy", "rows": N, ...}.
+    `span_ids=(lo, hi)`: the spans are instead drawn uniformly from ids [lo, hi) (the filler is still text).
+    Text spans are a weak signal: their common tokens (indentation, punctuation) recur all over the row, so
+    "the token after the previous occurrence" is ambiguous and most of a span is guessable without copying;
+    on pico a text-span curriculum had not started copying after 650 copy steps. Random spans make the
+    previous occurrence unique and copying the only way to predict them.
     Returns (tokens, loss mask), both of length rows * seq_len + 1."""
     if len(tokens) < 2 * 120:                       # longest span + filler is 39 + 79 tokens
         raise ValueError(f"the copying curriculum needs a token stream of >= 240 tokens, got {len(tokens)}")
@@ -94,6 +100,8 @@ def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0)
         f = int(rng.integers(0, 80))
         start = int(rng.integers(0, len(tokens) - a - f - 1))
         span, filler = tokens[start:start + a], tokens[start + a:start + a + f]
+        if span_ids is not None:
+            span = rng.integers(span_ids[0], span_ids[1], a).astype(tokens.dtype)
         block = np.concatenate([span, filler, span])
         m = np.zeros(len(block), dtype=np.uint8)
         m[a + f + 1:] = 1
