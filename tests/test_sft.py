@@ -76,3 +76,11 @@ def test_copy_task_random_spans():
         assert len(prev) and t[prev[-1] + 1] == t[i]
     t2, _ = copy_task_stream(text, rows=6, seq_len=64, seed=1)
     assert (t2 == 7).all()
+    # fixed lengths, no filler: blocks [s, s] of 2 x 16 tokens, learned from the 2nd token of the repeat on
+    t3, m3 = copy_task_stream(text, rows=4, seq_len=32, seed=2, span_ids=(100, 10**6), span_len=(16, 17),
+                              filler_len=(0, 1))
+    blocks = t3[:128].reshape(4, 32)
+    assert (blocks[:, :16] == blocks[:, 16:]).all() and (blocks >= 100).all()
+    assert (m3[:128].reshape(4, 32) == np.r_[np.zeros(17), np.ones(15)]).all()
+    with pytest.raises(ValueError, match="span_len"):
+        copy_task_stream(text, rows=1, seq_len=32, span_len=(1, 5))

@@ -76,7 +76,8 @@ def load_tokens(corpus: str | os.PathLike, tokenizer, split: str = "train", cach
 
 
 def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0,
-                     span_ids: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     span_ids: tuple[int, int] | None = None, span_len: tuple[int, int] = (4, 40),
+                     filler_len: tuple[int, int] = (0, 80)) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic in-context copying ("induction") data: rows of `seq_len` tokens made of [span A, filler,
     span A again] blocks, spans cut from a real token stream (`tokens`, the corpus), loss only on the repeated
     span after its first token (which is not predictable). Induction heads form after billions of natural-text
@@ -87,17 +88,22 @@ def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0,
     Text spans are a weak signal: their common tokens (indentation, punctuation) recur all over the row, so
     "the token after the previous occurrence" is ambiguous and most of a span is guessable without copying;
     on pico a text-span curriculum had not started copying after 650 copy steps. Random spans make the
-    previous occurrence unique and copying the only way to predict them.
+    previous occurrence unique and copying the only way to predict them. Span and filler lengths are drawn
+    uniformly from [lo, hi) (`span_len`, `filler_len`).
     Returns (tokens, loss mask), both of length rows * seq_len + 1."""
-    if len(tokens) < 2 * 120:                       # longest span + filler is 39 + 79 tokens
-        raise ValueError(f"the copying curriculum needs a token stream of >= 240 tokens, got {len(tokens)}")
+    if not (2 <= span_len[0] < span_len[1] and 0 <= filler_len[0] < filler_len[1]):
+        raise ValueError(f"span_len must be [lo, hi) with 2 <= lo < hi and filler_len [lo, hi) with 0 <= lo < hi,"
+                         f" got {span_len}, {filler_len}")
+    need = 2 * (span_len[1] + filler_len[1])
+    if len(tokens) < need:
+        raise ValueError(f"the copying curriculum needs a token stream of >= {need} tokens, got {len(tokens)}")
     rng = np.random.default_rng(seed)
     out = np.zeros(rows * seq_len + 1, dtype=np.int32)
     mask = np.zeros(len(out), dtype=np.uint8)
     pos = 0
     while pos < len(out):
-        a = int(rng.integers(4, 40))
-        f = int(rng.integers(0, 80))
+        a = int(rng.integers(*span_len))
+        f = int(rng.integers(*filler_len))
         start = int(rng.integers(0, len(tokens) - a - f - 1))
         span, filler = tokens[start:start + a], tokens[start + a:start + a + f]
         if span_ids is not None:

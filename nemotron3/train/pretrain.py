@@ -307,7 +307,9 @@ def _component(spec: dict, corpus: Path, tok, seed: int, shuffle: bool):
     (both read `split`, default train), a documents `.jsonl`, a token stream `.npy` (optionally with a
     `mask` `.npy` of the same length: 1 = learn this token), or "copy": `rows` rows of the in-context copying
     curriculum cut from the corpus (`data.copy_task_stream`; spans drawn with the spec's `seed`, default the
-    training seed; `"spans": "random"` draws the copied spans uniformly from the non-special ids).
+    training seed; `"spans": "random"` draws the copied spans uniformly from the non-special ids, or from the
+    `span_vocab` lowest of them: the most frequent BPE tokens, whose embeddings the text trains; `span_len`
+    and `filler_len` are [lo, hi) ranges).
     `"pack": false` (documents only) gives every document a row of its own (cut to seq_len, padded, pad
     targets masked), so a document that must be seen whole (a retrieval document whose questions come at its
     end) never straddles two rows."""
@@ -320,8 +322,10 @@ def _component(spec: dict, corpus: Path, tok, seed: int, shuffle: bool):
         spans = spec.get("spans", "text")
         if spans not in ("text", "random"):
             raise ValueError(f"a 'copy' component's \"spans\" must be 'text' or 'random', got {spans!r}")
-        span_ids = (max(tok.special_ids) + 1, tok.vocab_size) if spans == "random" else None
-        tokens, mask = copy_task_stream(load_tokens(corpus, tok), spec["rows"], T, spec.get("seed", seed), span_ids)
+        lo = max(tok.special_ids) + 1              # "span_vocab": N draws from the N lowest non-special ids
+        span_ids = (lo, min(tok.vocab_size, lo + spec.get("span_vocab", tok.vocab_size))) if spans == "random" else None
+        tokens, mask = copy_task_stream(load_tokens(corpus, tok), spec["rows"], T, spec.get("seed", seed), span_ids,
+                                        tuple(spec.get("span_len", (4, 40))), tuple(spec.get("filler_len", (0, 80))))
         return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
     is_docs = src == "corpus" or Path(src).is_dir() or str(src).endswith(".jsonl")
     if is_docs and spec.get("pack", True) is False:
