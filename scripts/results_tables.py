@@ -50,7 +50,8 @@ def env_table(rows, extra_cols=False):
 
 def lm_table():
     """Validation loss and the copying probe (`nemotron3 eval lm`) of every stage that has an lm-NAME.json."""
-    rows = [(label, load(f"lm-{name}")) for label, name in [("base (pretrained)", "base"),
+    rows = [(label, load(f"lm-{name}")) for label, name in [("pretraining", "pretrain"), ("copy task", "copy"),
+                                                            ("base (text + copy task)", "base"),
                                                             ("long-context stage", "longctx")] + STAGES[1:]]
     rows = [(label, r) for label, r in rows if r is not None]
     if not rows:

@@ -456,3 +456,16 @@ def test_stage_clis_report_user_errors_in_one_line(stage, tmp_path, capsys):
             main(argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, (argv, err)
+
+
+def test_pico_recipes_form_one_chain():
+    """Every pico recipe's `init` (and MOPD's teachers) is another recipe's output model, so
+    scripts/pico_pipeline.sh runs them in a consistent order; every stage appears in the pipeline script."""
+    recipes = {p.name: json.loads(p.read_text()) for p in (ROOT / "recipes").glob("pico*.json")}
+    outputs = {r["out_dir"] + "/model" for r in recipes.values()}
+    script = (ROOT / "scripts" / "pico_pipeline.sh").read_text()
+    for name, r in recipes.items():
+        assert f"recipes/{name}" in script, f"{name} is not run by the pipeline"
+        for src in [r.get("init")] + list(r.get("teachers", {}).values()):
+            assert src is None or src in outputs, f"{name}: {src} is no recipe's output"
+    assert "init" not in recipes["pico.json"]
