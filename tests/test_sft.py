@@ -1,4 +1,5 @@
 """SFT data: token-exact rendering, assistant-only loss mask, masked forced </think>, all modes present."""
+import json
 import random
 from pathlib import Path
 
@@ -84,3 +85,18 @@ def test_copy_task_random_spans():
     assert (m3[:128].reshape(4, 32) == np.r_[np.zeros(17), np.ones(15)]).all()
     with pytest.raises(ValueError, match="span_len"):
         copy_task_stream(text, rows=1, seq_len=32, span_len=(1, 5))
+
+
+def test_sft_recipe_mixes_in_the_copy_component(tmp_path):
+    """`sft.copy` is a copy data component appended to the SFT mixture (with the SFT seed unless it sets one)."""
+    from nemotron3.train.sft import sft_recipe
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "val.mask.npy").write_bytes(b"")        # data "already built": nothing is generated
+    base = {"out_dir": str(tmp_path), "data": {"seq_len": 64, "tokenizer_dir": "unused"},
+            "train": {"batch_size": 2}, "sft": {"seed": 5}}
+    assert len(sft_recipe(json.loads(json.dumps(base)))["data"]["mix"]) == 1
+    base["sft"]["copy"] = {"spans": "random", "rows": 10, "seq_len": 32, "batch_size": 4, "weight": 1}
+    mix = sft_recipe(base)["data"]["mix"]
+    assert mix[1] == {"seed": 5, "spans": "random", "rows": 10, "seq_len": 32, "batch_size": 4, "weight": 1,
+                      "source": "copy"}
+    assert mix[0]["weight"] == 2 and mix[0]["mask"].endswith("train.mask.npy")

@@ -34,7 +34,7 @@ from .tokenizer import load_tokenizer
 ASSISTANT, END, THINK_CLOSE = "<|im_start|>assistant\n", "<|im_end|>", "</think>"
 SFT_DEFAULTS = dict(envs=["calc", "code", "format"], train_per_env=600, val_per_env=30, seed=0,
                     modes={"think": 0.5, "off": 0.2, "budget": 0.15, "medium": 0.15},
-                    copy_rows=0, copy_seq_len=256, copy_batch_size=16, copy_weight=1)
+                    copy=None)
 
 
 def _first_sentence(text: str) -> str:
@@ -141,10 +141,8 @@ def sft_recipe(recipe: dict) -> dict:
     T = recipe["data"]["seq_len"]
     recipe["data"]["mix"] = [{"source": str(data_dir / "train.tokens.npy"), "mask": str(data_dir / "train.mask.npy"),
                               "seq_len": T, "batch_size": recipe["train"]["batch_size"], "weight": 2}]
-    if s["copy_rows"]:
-        recipe["data"]["mix"].append({"source": "copy", "rows": s["copy_rows"], "seq_len": s["copy_seq_len"],
-                                      "batch_size": s["copy_batch_size"], "weight": s["copy_weight"],
-                                      "seed": s["seed"]})
+    if s["copy"]:       # a "copy" data component (pretrain._component) that keeps the copying skill alive
+        recipe["data"]["mix"].append({"seed": s["seed"], **s["copy"], "source": "copy"})
     recipe["data"]["val"] = {"source": str(data_dir / "val.tokens.npy"), "mask": str(data_dir / "val.mask.npy"),
                              "seq_len": T}
     return recipe
