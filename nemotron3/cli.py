@@ -165,10 +165,11 @@ def cmd_eval(args) -> None:
     out["induction"] = induction_score(model, model.config.vocab_size, batch_size=args.batch_size,
                                        bos_id=tok.bos_id)
     out["model"] = str(args.model)
-    print(json.dumps(out, indent=2))
+    text = json.dumps(out, indent=2)
+    print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(text)
 
 
 def _csv(kind):

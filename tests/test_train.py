@@ -153,6 +153,14 @@ def test_training_reduces_loss(data_dirs, tmp_path):
     assert res["val_loss"] < log[0]["lm_loss"] - 0.5
     assert all(len(r["mtp_loss"]) == 2 and r["expert_load"] for r in log)
     assert (tmp_path / "loss.png").stat().st_size > 0
+    # the evaluation record carries the copying probe of the model at that step (the saved checkpoint)
+    from nemotron3.checkpoint import load
+    from nemotron3.eval.lm import induction_score
+    from nemotron3.train.pretrain import find_checkpoint
+    m = load(find_checkpoint(tmp_path), dtype=torch.float32).eval()
+    batch = json.loads((tmp_path / "recipe.json").read_text())["train"]["batch_size"]
+    want = induction_score(m, m.config.vocab_size, n=16, batch_size=batch, bos_id=m.config.bos_token_id)
+    assert log[-1]["copy_gain"] == pytest.approx(want["copy_gain"], abs=1e-4)
 
 
 def test_resume_is_exact_and_checkpoint_is_pickle_free(data_dirs, tmp_path):
@@ -383,6 +391,13 @@ def test_copy_component_in_a_mixture(data_dirs):
     r["data"]["mix"][1]["spans"] = "words"
     with pytest.raises(ValueError, match="spans"):
         prepare_data(r, r["model"]["vocab_size"])
+    r["data"]["mix"][1]["spans"] = "random"
+    for key, bad in (("span_vocab", 1), ("span_vocab", "500"), ("span_len", 16), ("span_len", [16, 17, 18]),
+                     ("filler_len", [5, 5])):
+        r["data"]["mix"][1][key] = bad
+        with pytest.raises(ValueError, match=key):
+            prepare_data(r, r["model"]["vocab_size"])
+        del r["data"]["mix"][1][key]
     r["data"]["mix"][1]["spans"] = "text"
     r["data"]["mix"][1]["rows"] = 0
     with pytest.raises(ValueError, match="rows"):

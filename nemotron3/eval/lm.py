@@ -51,8 +51,8 @@ def evaluate_lm(model, dataset, batch_size: int = 8, max_batches: int | None = N
 def induction_score(model, vocab_size: int, length: int = 64, n: int = 32, batch_size: int = 8, seed: int = 0,
                     low: int = len(SPECIAL_TOKENS), bos_id: int | None = 1) -> dict:
     """Loss and top-1 accuracy on the first and the second copy of `n` rows [BOS] + s + s, each `s` `length`
-    tokens drawn uniformly from ids [low, vocab_size) (below `low`: our tokenizer's special tokens). The first token of each
-    copy is left out (unpredictable either way). `copy_gain` = first-copy loss - second-copy loss: ~0 for a
+    tokens drawn uniformly from ids [low, vocab_size) (below `low`: our tokenizer's special tokens). The first
+    token of each copy is left out (unpredictable either way). `copy_gain` = first-copy loss - second-copy loss: ~0 for a
     model that cannot copy, ~ln(vocab) for a perfect copier."""
     if length < 2 or n < 1 or not 0 <= low < vocab_size - 1:
         raise ValueError(f"induction_score needs length >= 2, n >= 1 and 0 <= low < vocab_size - 1, got "

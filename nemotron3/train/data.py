@@ -91,7 +91,11 @@ def copy_task_stream(tokens: np.ndarray, rows: int, seq_len: int, seed: int = 0,
     previous occurrence unique and copying the only way to predict them. Span and filler lengths are drawn
     uniformly from [lo, hi) (`span_len`, `filler_len`).
     Returns (tokens, loss mask), both of length rows * seq_len + 1."""
-    if not (2 <= span_len[0] < span_len[1] and 0 <= filler_len[0] < filler_len[1]):
+    def is_range(r, lo):
+        return (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                     for x in r) and lo <= r[0] < r[1])
+
+    if not (is_range(span_len, 2) and is_range(filler_len, 0)):
         raise ValueError(f"span_len must be [lo, hi) with 2 <= lo < hi and filler_len [lo, hi) with 0 <= lo < hi,"
                          f" got {span_len}, {filler_len}")
     need = 2 * (span_len[1] + filler_len[1])

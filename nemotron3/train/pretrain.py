@@ -322,10 +322,14 @@ def _component(spec: dict, corpus: Path, tok, seed: int, shuffle: bool):
         spans = spec.get("spans", "text")
         if spans not in ("text", "random"):
             raise ValueError(f"a 'copy' component's \"spans\" must be 'text' or 'random', got {spans!r}")
+        n_ids = spec.get("span_vocab", tok.vocab_size)
+        if not isinstance(n_ids, int) or isinstance(n_ids, bool) or n_ids < 2:
+            raise ValueError(f"a 'copy' component's \"span_vocab\" must be an integer >= 2, got {n_ids!r}")
         lo = max(tok.special_ids) + 1              # "span_vocab": N draws from the N lowest non-special ids
-        span_ids = (lo, min(tok.vocab_size, lo + spec.get("span_vocab", tok.vocab_size))) if spans == "random" else None
+        span_ids = (lo, min(tok.vocab_size, lo + n_ids)) if spans == "random" else None
+        lengths = {k: spec[k] for k in ("span_len", "filler_len") if k in spec}
         tokens, mask = copy_task_stream(load_tokens(corpus, tok), spec["rows"], T, spec.get("seed", seed), span_ids,
-                                        tuple(spec.get("span_len", (4, 40))), tuple(spec.get("filler_len", (0, 80))))
+                                        **lengths)
         return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
     is_docs = src == "corpus" or Path(src).is_dir() or str(src).endswith(".jsonl")
     if is_docs and spec.get("pack", True) is False:
