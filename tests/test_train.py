@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import nemotron3
 from nemotron3.model import NemotronHForCausalLM
-from nemotron3.train.pretrain import (TrainLoss, load_recipe, model_config, mtp_labels, prepare_data, train,
-                                      wsd_lr)
+from nemotron3.train.pretrain import (TrainLoss, apply_overrides, load_recipe, model_config, mtp_labels,
+                                      prepare_data, train, wsd_lr)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny-test.json"
@@ -484,3 +484,15 @@ def test_pico_recipes_form_one_chain():
         for src in [r.get("init")] + list(r.get("teachers", {}).values()):
             assert src is None or src in outputs, f"{name}: {src} is no recipe's output"
     assert "init" not in recipes["pico.json"]
+
+
+def test_set_overrides_index_lists_and_name_bad_paths():
+    """`--set data.mix.1.weight=3` reaches into the mixture list; a key or index that does not exist is a
+    ValueError naming the path instead of a KeyError/TypeError from deep inside."""
+    r = {"data": {"mix": [{"weight": 1}, {"weight": 1}]}, "train": {"lr": 1e-3}}
+    apply_overrides(r, {"data.mix.1.weight": 3, "train.lr": 2e-3, "train.new_key": 5})
+    assert r == {"data": {"mix": [{"weight": 1}, {"weight": 3}]}, "train": {"lr": 2e-3, "new_key": 5}}
+    for key, msg in [("data.mix.2.weight", "list of 2"), ("data.mix.x.weight", "list of 2"),
+                     ("model.pattern", "no 'model'"), ("train.lr.x", "no 'train.lr.x'")]:
+        with pytest.raises(ValueError, match=msg):
+            apply_overrides(r, {key: 1})

@@ -80,14 +80,23 @@ def load_recipe(path, overrides: dict | None = None) -> dict:
 
 
 def apply_overrides(recipe: dict, overrides: dict | None) -> dict:
-    """Set dotted keys in place ("train.lr" -> recipe["train"]["lr"]); returns the recipe. Every stage's
-    `load_recipe` applies `--set` with this."""
+    """Set dotted keys in place ("train.lr" -> recipe["train"]["lr"]; a number indexes a list, so
+    "data.mix.1.weight" is the second mixture component's weight); returns the recipe. Every stage's
+    `load_recipe` applies `--set` with this. A path that does not exist is a ValueError naming it."""
     for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        d = recipe
-        for part in parents:
-            d = d[part]
-        d[leaf] = value
+        d, parts = recipe, key.split(".")
+        for i, part in enumerate(parts):
+            if isinstance(d, list):
+                if not (part.isdigit() and int(part) < len(d)):
+                    raise ValueError(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} is a list of {len(d)}; "
+                                     f"{part!r} is not an index into it")
+                part = int(part)
+            elif not isinstance(d, dict) or (i < len(parts) - 1 and part not in d):
+                raise ValueError(f"--set {key}: the recipe has no {'.'.join(parts[:i + 1])!r}")
+            if i == len(parts) - 1:
+                d[part] = value
+            else:
+                d = d[part]
     return recipe
 
 
