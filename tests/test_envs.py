@@ -120,6 +120,26 @@ def test_number_normalisation_and_extraction():
     assert extract_output("13") == "13" and extract_output("output: 13\n") == "13"
 
 
+def test_calc_references_repeat_the_tool_result_as_the_same_tokens():
+    """The reference turns after the tool call spell the result with the token ids the tool response has
+    (byte-level BPE tokenizes " 85" and "85" differently), so answering is copying; checked with the shipped
+    tokenizer on the rendered episode, with and without thinking."""
+    from pathlib import Path
+
+    from nemotron3.train.tokenizer import load_tokenizer
+    tok = load_tokenizer(Path(__file__).resolve().parent.parent / "models" / "pico")
+    env = CalculatorEnv()
+    for task in env.tasks("test", 40):
+        for thinking in (True, False):
+            ref = env.reference(task, random.Random(task.index), thinking=thinking)
+            ids = tok.encode(render_chat(task.messages + ref, tools=task.tools, add_generation_prompt=False,
+                                         enable_thinking=thinking))
+            result = tok.encode("\n" + task.answer)[1:]  # as the template writes it: "<tool_response>\nN\n"
+            after = ids[ids.index(tok.token_to_id("<tool_response>")):]
+            hits = sum(after[i:i + len(result)] == result for i in range(len(after)))
+            assert hits == (3 if thinking else 2), (task.answer, tok.decode(ids))
+
+
 def test_format_verifier_checks_constraint_and_content():
     env = FormatEnv()
     by_kind = {}

@@ -1,6 +1,6 @@
 """`calc`: arithmetic and unit-conversion word problems solved with a `calculator` tool.
 
-The ideal episode: call `calculator(expression=...)`, read the result, answer "The answer is N.". The answer
+The ideal episode: call `calculator(expression=...)`, read the result, answer "The answer is:\nN". The answer
 is graded on the *last number* in the final content (commas as thousands separators allowed), normalised
 with `format_number` (ints without `.0`, floats rounded to 4 decimals) and compared with the exact result.
 """
@@ -34,8 +34,11 @@ CONVERSIONS = [  # (from, to, op, factor)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _THINK_CALL = ["I need to compute {e} with the calculator.", "Let me use the calculator for {e}.",
                "This is {e}. I will use the calculator.", "I should calculate {e}."]
-_THINK_ANSWER = ["The calculator returned {r}.", "The result is {r}.", "The calculator says {r}."]
-_ANSWER = ["The answer is {r}.", "The answer is {r}.", "{r}"]
+# After the tool call the result starts a line, as it does inside <tool_response>: byte-level BPE splits
+# "\n912" into 9|12 but " 912" into Ġ9|12 (and "85" into 85 but " 85" into Ġ8|5), so only a line-initial
+# number is the *same tokens* as the tool's output, which a small model can copy and cannot re-spell.
+_THINK_ANSWER = ["The calculator returned:\n{r}", "The result is:\n{r}", "The calculator says:\n{r}"]
+_ANSWER = ["The answer is:\n{r}", "{r}"]
 
 
 def _dec(rng: random.Random, lo: int, hi: int) -> str:
