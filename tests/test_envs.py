@@ -120,16 +120,29 @@ def test_number_normalisation_and_extraction():
     assert extract_output("13") == "13" and extract_output("output: 13\n") == "13"
 
 
-def test_calc_references_repeat_the_tool_result_as_the_same_tokens():
-    """The reference turns after the tool call spell the result with the token ids the tool response has
-    (byte-level BPE tokenizes " 85" and "85" differently), so answering is copying; checked with the shipped
-    tokenizer on the rendered episode, with and without thinking."""
+def test_calc_references_copy_numbers_as_the_same_tokens():
+    """Byte-level BPE tokenizes " 85" and "85" differently, so the reference spells every number it copies
+    with the token ids it was read as: each operand of the tool call as in the question, and the result after
+    the call as in the tool response. Checked with the shipped tokenizer on rendered episodes."""
+    import re
     from pathlib import Path
 
     from nemotron3.train.tokenizer import load_tokenizer
     tok = load_tokenizer(Path(__file__).resolve().parent.parent / "models" / "pico")
+
+    def contains(ids, sub):
+        return any(ids[i:i + len(sub)] == sub for i in range(len(ids)))
+
     env = CalculatorEnv()
-    for task in env.tasks("test", 40):
+    for task in env.tasks("test", 150):
+        question = tok.encode(render_chat(task.messages, add_generation_prompt=False))
+        call = env.reference(task, random.Random(0))[0]["tool_calls"][0]["function"]["arguments"]["expression"]
+        in_question = re.findall(r"\d+(?:\.\d+)?", task.messages[-1]["content"])  # not e.g. 60 s per minute
+        for prefix, number in re.findall(r"(^|[ (])(\d+(?:\.\d+)?)", call):
+            if number not in in_question:
+                continue
+            ids = tok.encode(prefix + number)[1 if prefix == "(" else 0:]  # "(" is a pre-token of its own
+            assert contains(question, ids), (call, task.messages)
         for thinking in (True, False):
             ref = env.reference(task, random.Random(task.index), thinking=thinking)
             ids = tok.encode(render_chat(task.messages + ref, tools=task.tools, add_generation_prompt=False,

@@ -34,9 +34,11 @@ CONVERSIONS = [  # (from, to, op, factor)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _THINK_CALL = ["I need to compute {e} with the calculator.", "Let me use the calculator for {e}.",
                "This is {e}. I will use the calculator.", "I should calculate {e}."]
-# After the tool call the result starts a line, as it does inside <tool_response>: byte-level BPE splits
-# "\n912" into 9|12 but " 912" into Ġ9|12 (and "85" into 85 but " 85" into Ġ8|5), so only a line-initial
-# number is the *same tokens* as the tool's output, which a small model can copy and cannot re-spell.
+# Numbers are copied as the same tokens they were read as: byte-level BPE splits "\n912" into 9|12 but
+# " 912" into Ġ9|12 (and "85" into 85, " 85" into Ġ8|5), and a small model can copy tokens but not re-spell
+# them. So the expression argument starts with a space, as its numbers do in the question and the reasoning
+# ("<parameter=expression>\n 17 * 5"; the calculator ignores it), and after the call the result starts a
+# line, as it does inside <tool_response>.
 _THINK_ANSWER = ["The calculator returned:\n{r}", "The result is:\n{r}", "The calculator says:\n{r}"]
 _ANSWER = ["The answer is:\n{r}", "{r}"]
 
@@ -69,7 +71,7 @@ def _problem(rng: random.Random, level: str) -> tuple[str, str]:
             return f"A crate holds {a} {item}. How many {item} are in {b} crates?", f"{a} * {b}"
         if kind == 1:
             b, each = rng.randint(2, 12), rng.randint(3, 40)
-            return f"{b * each} {item} are shared equally by {b} kids. How many does each kid get?", \
+            return f"There are {b * each} {item}, shared equally by {b} kids. How many does each kid get?", \
                 f"{b * each} / {b}"
         src, dst, op, f = rng.choice(CONVERSIONS)
         x = _dec(rng, 1, 20) if op == "*" else str(rng.randint(1, 50) * rng.choice([1, 5, 10, 30]))
@@ -83,7 +85,7 @@ def _problem(rng: random.Random, level: str) -> tuple[str, str]:
         return f"What is ({a} + {b}) * {c}?", f"({a} + {b}) * {c}"
     if kind == 2:
         a, b = rng.randint(10, 200), rng.randint(3, 9)
-        return f"{a} dollars are split equally among {b} people. How much does each get?", f"{a} / {b}"
+        return f"There are {a} dollars to split equally among {b} people. How much does each get?", f"{a} / {b}"
     s, t = rng.randint(20, 120), _dec(rng, 2, 6)
     return f"A car drives {s} km per hour for {t} hours. How far does it go in km?", f"{s} * {t}"
 
@@ -131,7 +133,7 @@ class CalculatorEnv(Env):
         return [
             {"role": "assistant", "content": "",
              "reasoning_content": rng.choice(_THINK_CALL).format(e=expr) if thinking else "",
-             "tool_calls": [tool_call_message(call_id, "calculator", {"expression": expr})]},
+             "tool_calls": [tool_call_message(call_id, "calculator", {"expression": " " + expr})]},
             {"role": "tool", "tool_call_id": call_id, "name": "calculator", "content": calculate(expr)},
             {"role": "assistant", "content": rng.choice(_ANSWER).format(r=result),
              "reasoning_content": rng.choice(_THINK_ANSWER).format(r=result) if thinking else ""},
