@@ -25,7 +25,7 @@ stage() {   # stage NAME OUT_DIR COMMAND...: run (or resume) unless OUT_DIR/mode
 # 1. corpus, tokenizer, pretraining (~63 min on one thread)
 stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --no-progress
 # 1b. in-context copying: 400 steps of the copy task alone (16 random tokens of the 508 most frequent, repeated;
-#     ~10 min), then 300 steps of text + the same task over the whole vocabulary (~16 min). Pretraining with a
+#     ~10 min), then 1,000 steps of text + the same task over the whole vocabulary (~60 min). Pretraining with a
 #     text-span copy curriculum in the mix did not make pico copy (copy gain 0.11 after 1,200 steps); this does.
 stage copy runs/pico-copy $PY -m nemotron3.train recipes/pico-copy.json --no-progress
 stage copy-mix runs/pico-copy-mix $PY -m nemotron3.train recipes/pico-copy-mix.json --no-progress
