@@ -1,5 +1,5 @@
 """The embedded default model (models/pico): loads with its tokenizer, has every architectural feature,
-generates deterministically, and MTP self-speculative decoding on it is lossless."""
+generates deterministically, MTP self-speculative decoding on it is lossless, and, served, it solves calc tasks."""
 import json
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from nemotron3.cli import DEFAULT_MODEL
 from nemotron3.engine import LLM, SamplingParams
 from nemotron3.train.tokenizer import load_tokenizer
 
+CALC_TASKS, CALC_MIN_CORRECT = 10, 8   # the shipped model: 10 of these 10, 29 of 30 in `eval envs` (model card)
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").exists(), reason="models/pico not shipped")
 
 
@@ -54,36 +55,40 @@ def test_pico_speculative_greedy_is_lossless(pico):
     assert spec_llm.stats()["spec_acceptance_rate"] > 0.2
 
 
-def test_pico_calls_the_calculator_through_the_openai_api(pico):
-    """The shipped chat model, served, answers a held-out calc task the way it was post-trained to: a
-    well-formed `calculator` tool call (parsed by the server into `tool_calls`), then, given the tool's result,
-    a final answer. Only the protocol is asserted: whether the numbers are right is the model's accuracy,
-    measured by `nemotron3 eval envs` (model card)."""
+def test_pico_solves_calc_tasks_through_the_openai_api(pico):
+    """The shipped chat model, served, does held-out calc tasks the way it was post-trained to: a well-formed
+    `calculator` tool call (parsed by the server into `tool_calls`), then, given the tool's result, a final
+    answer, and enough of those answers are right (graded by the environment's verifier; the model card's
+    held-out accuracy is measured by `nemotron3 eval envs` on 30 tasks)."""
     import openai
     from server_utils import live_server
     from nemotron3.engine import LLMEngine
     from nemotron3.server import create_app
     from nemotron3.train.envs import get_env, execute_demo_tool
     tok = load_tokenizer(DEFAULT_MODEL)
-    task = get_env("calc").task("test", 0)
+    env = get_env("calc")
     engine = LLMEngine(pico, tok, max_num_seqs=2, max_model_len=2048)
+    correct = 0
     with live_server(create_app(engine, served_model_name="pico")) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        messages = list(task.messages)
-        r = client.chat.completions.create(model="pico", messages=messages, tools=task.tools, temperature=0,
-                                           max_tokens=200)
-        choice = r.choices[0]
-        assert choice.finish_reason == "tool_calls", choice.message
-        call = choice.message.tool_calls[0]
-        assert call.function.name == "calculator"
-        args = json.loads(call.function.arguments)
-        assert set(args) == {"expression"}
-        result = execute_demo_tool("calculator", args)
-        messages += [choice.message.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": call.id, "content": result}]
-        final = client.chat.completions.create(model="pico", messages=messages, tools=task.tools, temperature=0,
-                                               max_tokens=200).choices[0]
-        assert final.finish_reason == "stop" and final.message.content.strip()
+        for task in env.tasks("test", CALC_TASKS):
+            messages = list(task.messages)
+            r = client.chat.completions.create(model="pico", messages=messages, tools=task.tools, temperature=0,
+                                               max_tokens=200)
+            choice = r.choices[0]
+            assert choice.finish_reason == "tool_calls", choice.message
+            call = choice.message.tool_calls[0]
+            assert call.function.name == "calculator"
+            args = json.loads(call.function.arguments)
+            assert set(args) == {"expression"}
+            result = execute_demo_tool("calculator", args)
+            messages += [choice.message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": result}]
+            final = client.chat.completions.create(model="pico", messages=messages, tools=task.tools,
+                                                   temperature=0, max_tokens=200).choices[0]
+            assert final.finish_reason == "stop" and final.message.content.strip()
+            correct += env.verify(task, final.message.content)
+    assert correct >= CALC_MIN_CORRECT, f"{correct} of {CALC_TASKS} held-out calc tasks right"
 
 
 def test_pico_nvfp4_copy_is_quantized_and_close(pico):
