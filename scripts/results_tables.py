@@ -11,8 +11,8 @@ from pathlib import Path
 
 EVAL = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/eval")
 STAGES = [("base (pretrained + copy stages)", "base"), ("SFT", "sft"), ("GRPO", "grpo"),
-          ("teacher: calc", "teacher-calc"),
-          ("teacher: code", "teacher-code"), ("teacher: format", "teacher-format"), ("MOPD", "mopd"),
+          ("teacher: calc", "teacher-calc"), ("teacher: code", "teacher-code"), ("teacher: format", "teacher-format"),
+          ("MOPD", "mopd"),
           ("final (MOPD + MTP boost), BF16", "final"), ("final, NVFP4 mixed", "final-nvfp4")]
 MODES = [("off", "mode-off"), ("regular", "mode-regular"), ("medium", "mode-medium"), ("budget = 8 tokens", "mode-budget8")]
 

@@ -130,8 +130,8 @@ def test_calc_references_copy_numbers_as_the_same_tokens():
     from nemotron3.train.tokenizer import load_tokenizer
     tok = load_tokenizer(Path(__file__).resolve().parent.parent / "models" / "pico")
 
-    def contains(ids, sub):
-        return any(ids[i:i + len(sub)] == sub for i in range(len(ids)))
+    def count(ids, sub):
+        return sum(ids[i:i + len(sub)] == sub for i in range(len(ids)))
 
     env = CalculatorEnv()
     for task in env.tasks("test", 150):
@@ -142,15 +142,14 @@ def test_calc_references_copy_numbers_as_the_same_tokens():
             if number not in in_question:
                 continue
             ids = tok.encode(prefix + number)[1 if prefix == "(" else 0:]  # "(" is a pre-token of its own
-            assert contains(question, ids), (call, task.messages)
+            assert count(question, ids), (call, task.messages)
+        result = tok.encode("\n" + task.answer)[1:]  # as the template writes it: "<tool_response>\nN\n"
         for thinking in (True, False):
             ref = env.reference(task, random.Random(task.index), thinking=thinking)
             ids = tok.encode(render_chat(task.messages + ref, tools=task.tools, add_generation_prompt=False,
                                          enable_thinking=thinking))
-            result = tok.encode("\n" + task.answer)[1:]  # as the template writes it: "<tool_response>\nN\n"
             after = ids[ids.index(tok.token_to_id("<tool_response>")):]
-            hits = sum(after[i:i + len(result)] == result for i in range(len(after)))
-            assert hits == (3 if thinking else 2), (task.answer, tok.decode(ids))
+            assert count(after, result) == (3 if thinking else 2), (task.answer, tok.decode(ids))
 
 
 def test_format_verifier_checks_constraint_and_content():
