@@ -1,5 +1,9 @@
-"""Batch-1 decode fast path (`model/decode.py`): every step equals the full forward; the engine uses it,
-rebuilds it after weight updates and falls back where it does not apply."""
+"""Batch-1 decode fast path (`model/decode.py`): every step equals the full forward, in the torch ops and
+in the C kernel; the engine uses it, rebuilds it after weight updates and falls back where it does not
+apply."""
+import shutil
+import warnings
+
 import pytest
 import torch
 
@@ -7,6 +11,7 @@ from engine_utils import one_thread, tiny_model  # noqa: F401
 from helpers import randomize, small_config
 from nemotron3 import HybridCache, NemotronHForCausalLM
 from nemotron3.engine import LLM, SamplingParams
+from nemotron3.model import decode
 from nemotron3.model.decode import DecodePlan, supported
 
 VARIANTS = {
@@ -15,17 +20,28 @@ VARIANTS = {
     "no_latent": dict(moe_latent_size=None),
     "grouped_router": dict(n_routed_experts=8, n_group=4, topk_group=2, norm_topk_prob=False),
     "dt_limit": dict(time_step_limit=(0.01, 0.5), mamba_dt_clamp=False, use_conv_bias=False),
+    # odd sizes: no multiple of the C kernel's 4-row / 512-column blocking, MHA, one group, kernel 3,
+    # one routed expert per token
+    "odd_shapes": dict(hidden_size=37, num_attention_heads=3, num_key_value_heads=3, head_dim=5,
+                       intermediate_size=1030, mamba_num_heads=3, mamba_head_dim=7, ssm_state_size=5,
+                       n_groups=1, conv_kernel=3, n_routed_experts=5, num_experts_per_tok=1,
+                       moe_intermediate_size=9, moe_shared_expert_intermediate_size=11, moe_latent_size=13),
 }
+# the C kernel must build wherever there is a compiler (CI has one): a broken build fails, not skips
+HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not HAVE_CC, reason="no C compiler"))]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_plan_steps_equal_full_forward(name):
+def test_plan_steps_equal_full_forward(name, backend):
     overrides = {"moe_latent_size": 16, **VARIANTS[name]}
     torch.manual_seed(0)
     model = randomize(NemotronHForCausalLM(small_config("M*EM-E*M", **overrides)).eval(), 1)
     assert supported(model)
     ids = torch.randint(12, 96, (1, 24), generator=torch.Generator().manual_seed(2))
-    plan = DecodePlan(model)
+    plan = DecodePlan(model, native=backend == "native")
+    assert (plan.native is not None) == (backend == "native")
     with torch.no_grad():
         full = model(ids)[0]
         cache = HybridCache(model.config, 3, max_len=4)          # K/V capacity must grow during decode
@@ -34,6 +50,53 @@ def test_plan_steps_equal_full_forward(name):
             h = plan.step(int(ids[0, t]), cache, 2)
             torch.testing.assert_close(model.logits(h)[0], full[t], rtol=1e-4, atol=1e-4)
         assert int(cache.lengths[2]) == 24 and int(cache.lengths[0]) == 0
+        assert cache.ssm[0][:2].abs().sum() == 0 and cache.k[1][:2].abs().sum() == 0    # other slots untouched
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_native_step_checks_input_and_router_bias():
+    model = tiny_model(5)
+    plan = DecodePlan(model, native=True)
+    cache = HybridCache(model.config, 2, max_len=8)
+    with pytest.raises(ValueError, match="slot -1 out of range"):
+        plan.step(3, cache, -1)
+    with pytest.raises(ValueError, match="token id 96 out of range"):
+        plan.step(96, cache, 0)
+    assert int(cache.lengths.sum()) == 0
+    assert not plan.stale(full=False)
+    gate = model.moe_layers()[0].gate
+    gate.e_score_correction_bias = gate.e_score_correction_bias.clone()     # the C layer points at the old one
+    assert plan.stale(full=False)
+
+
+def test_native_build_cache_and_failures(tmp_path, monkeypatch):
+    """The kernel is built once into $NEMOTRON3_CACHE/native (atomically, named by source, flags and CPU);
+    a failed build warns and leaves the torch ops; NEMOTRON3_NATIVE=0 turns it off."""
+    monkeypatch.setenv("NEMOTRON3_CACHE", str(tmp_path))
+    decode.native_library.cache_clear()
+    try:
+        if HAVE_CC:
+            assert decode.native_library() is not None
+            built = list((tmp_path / "native").iterdir())
+            assert len(built) == 1 and built[0].suffix == ".so"
+            decode.native_library.cache_clear()
+            assert decode.native_library() is not None and list((tmp_path / "native").iterdir()) == built
+            decode.native_library.cache_clear()
+        monkeypatch.setenv("CC", "false")                                   # a compiler that always fails
+        monkeypatch.setenv("NEMOTRON3_CACHE", str(tmp_path / "other"))
+        with pytest.warns(UserWarning, match="building the native decode step failed"):
+            assert decode.native_library() is None
+        assert not any((tmp_path / "other" / "native").iterdir())          # no partial file left
+        with pytest.raises(RuntimeError, match="native decode step is not available"):
+            DecodePlan(tiny_model(1), native=True)
+        decode.native_library.cache_clear()
+        monkeypatch.setenv("NEMOTRON3_NATIVE", "0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert decode.native_library() is None
+        assert DecodePlan(tiny_model(1)).native is None
+    finally:
+        decode.native_library.cache_clear()
 
 
 def test_engine_rebuilds_plan_after_weight_update():
