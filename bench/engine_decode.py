@@ -2,8 +2,8 @@
 
     python bench/engine_decode.py [--threads 1] [--tokens 64] [--sections batch1,concurrent,context,mtp]
 
-1. batch1      decode tokens/s at batch 1: our engine (greedy; its batch-1 decode plan, and the generic
-               batched forward with fast_decode=False) vs transformers `generate` (greedy), same
+1. batch1      decode tokens/s at batch 1: our engine (greedy; its batch-1 decode plan in the C kernel and
+               in torch ops, and the generic batched forward with fast_decode=False) vs transformers `generate` (greedy), same
                fp32 weights (tests/helpers.py `hf_model_from`, SDPA attention). Decode-only time: a run of
                N new tokens minus a run of 1 (prefill + first token), median of interleaved repeats. Also at
                the tiny-test size (recipes/tiny-test.json), where per-token framework overhead dominates.
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from nemotron3 import NemotronConfig, NemotronHForCausalLM, load  # noqa: E402
 from nemotron3.engine import LLM, SamplingParams  # noqa: E402
+from nemotron3.model.decode import DecodePlan  # noqa: E402
 
 
 def pico_config(**overrides) -> NemotronConfig:
@@ -72,27 +73,35 @@ def section_batch1(model, hf, args, out, key="batch1", label="pico architecture"
     p = prompts(1, 64, model.config.vocab_size)[0]
     N = args.tokens
     llm = LLM(model, max_num_seqs=1, enable_prefix_caching=False)
+    ops = LLM(model, max_num_seqs=1, enable_prefix_caching=False)
     generic = LLM(model, max_num_seqs=1, enable_prefix_caching=False, fast_decode=False)
     ours = lambda n: llm.generate([p], greedy(n))           # noqa: E731
+    ours_t = lambda n: ops.generate([p], greedy(n))         # noqa: E731
     ours_g = lambda n: generic.generate([p], greedy(n))     # noqa: E731
     theirs = lambda n: hf_generate(hf, p, n)                 # noqa: E731
-    ours(4), ours_g(4), theirs(4)                            # warm-up
+    ours(4), ours_t(4), ours_g(4), theirs(4)                 # warm-up
+    # the same plan in torch ops instead of the C kernel (kept: it is rebuilt only when a weight changes)
+    ops.engine._plan = DecodePlan(model, native=False)
+    native = llm.engine._plan is not None and llm.engine._plan.native is not None
     # same tokens?
-    mine = llm.generate([p], greedy(16))[0].outputs[0].token_ids
-    same = mine == hf_generate(hf, p, 16)[0, 64:].tolist() == generic.generate([p], greedy(16))[0].outputs[0].token_ids
-    o, g, h = [], [], []
+    toks = [r.generate([p], greedy(16))[0].outputs[0].token_ids for r in (llm, ops, generic)]
+    same = toks[0] == toks[1] == toks[2] == hf_generate(hf, p, 16)[0, 64:].tolist()
+    runs = dict(o=ours, t=ours_t, g=ours_g, h=theirs)
+    times = {k: [] for k in runs}
     for _ in range(args.repeats):                            # interleaved: all see the same machine load
-        o.append(median_of(lambda: ours(N), 1) - median_of(lambda: ours(1), 1))
-        g.append(median_of(lambda: ours_g(N), 1) - median_of(lambda: ours_g(1), 1))
-        h.append(median_of(lambda: theirs(N), 1) - median_of(lambda: theirs(1), 1))
-    o, g, h = (statistics.median(v) / (N - 1) for v in (o, g, h))
-    out[key] = dict(ours_ms_per_token=o * 1e3, generic_ms_per_token=g * 1e3, hf_ms_per_token=h * 1e3,
-                    ours_tok_s=1 / o, hf_tok_s=1 / h, ratio=h / o, generic_ratio=h / g, same_greedy_tokens=same)
+        for k, fn in runs.items():
+            times[k].append(median_of(lambda: fn(N), 1) - median_of(lambda: fn(1), 1))
+    o, t, g, h = (statistics.median(times[k]) / (N - 1) for k in runs)
+    out[key] = dict(ours_ms_per_token=o * 1e3, torch_ops_plan_ms_per_token=t * 1e3, generic_ms_per_token=g * 1e3,
+                    hf_ms_per_token=h * 1e3, ours_tok_s=1 / o, hf_tok_s=1 / h, ratio=h / o, torch_ops_ratio=h / t,
+                    generic_ratio=h / g, native=native, same_greedy_tokens=same)
     print(f"[{key}] {label}: decode, batch 1, {N} new tokens after a 64-token prompt (greedy, fp32)")
-    print(f"  ours (batch-1 plan)  {o * 1e3:8.2f} ms/token  {1 / o:7.1f} tok/s")
+    print(f"  ours (batch-1 plan)  {o * 1e3:8.2f} ms/token  {1 / o:7.1f} tok/s   (C kernel: {native})")
+    print(f"  ours (plan, torch)   {t * 1e3:8.2f} ms/token  {1 / t:7.1f} tok/s   (the plan in torch ops)")
     print(f"  ours (generic path)  {g * 1e3:8.2f} ms/token  {1 / g:7.1f} tok/s   (fast_decode=False)")
     print(f"  transformers         {h * 1e3:8.2f} ms/token  {1 / h:7.1f} tok/s   (same greedy tokens: {same})")
-    print(f"  speedup (transformers time / ours): {h / o:.2f}x  (generic path: {h / g:.2f}x)")
+    print(f"  speedup (transformers time / ours): {h / o:.2f}x  (plan in torch ops: {h / t:.2f}x, "
+          f"generic path: {h / g:.2f}x)")
 
 
 def section_concurrent(model, hf, args, out):

@@ -69,6 +69,15 @@ def test_native_step_checks_input_and_router_bias():
     assert plan.stale(full=False)
 
 
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("n_in,n_out", [(1, 1), (7, 3), (37, 515), (256, 1030)])
+def test_row_matmul_equals_torch(n_in, n_out):
+    assert decode.native_library() is not None
+    g = torch.Generator().manual_seed(n_in)
+    x, w = torch.randn(1, n_in, generator=g), torch.randn(n_in, n_out, generator=g)
+    torch.testing.assert_close(decode.row_matmul(x, w), x @ w, rtol=1e-5, atol=1e-5)
+
+
 def test_native_build_cache_and_failures(tmp_path, monkeypatch):
     """The kernel is built once into $NEMOTRON3_CACHE/native (atomically, named by source, flags and CPU);
     a failed build warns and leaves the torch ops; NEMOTRON3_NATIVE=0 turns it off."""
