@@ -57,10 +57,15 @@ def test_record_and_rollback_equal_full_forward(model):
     torch.testing.assert_close(c[0], full[1, 17:20], rtol=1e-4, atol=1e-4)
 
 
+# fast_decode: decode steps of <= PLAN_MAX_ROWS sequences run the batch-1 plan row by row (C kernel);
+# False keeps them in the generic batched forward, which larger batches use
+
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("budget", [5, 9, 64])
-def test_chunked_prefill_and_decode_logprobs_equal_full_forward(model, budget):
+def test_chunked_prefill_and_decode_logprobs_equal_full_forward(model, budget, fast):
     """Prefill in chunks (token budget), decode N steps: every logprob == one full forward's."""
-    llm = LLM(model, max_num_seqs=2, max_num_batched_tokens=budget, block_size=4, max_model_len=128)
+    llm = LLM(model, max_num_seqs=2, max_num_batched_tokens=budget, block_size=4, max_model_len=128,
+              fast_decode=fast)
     prompts = prompts_for(3, seed=2, lo=10, hi=40)
     outs = llm.generate(prompts, GREEDY)
     for p, o in zip(prompts, outs):
@@ -69,9 +74,10 @@ def test_chunked_prefill_and_decode_logprobs_equal_full_forward(model, budget):
     assert llm.stats()["prefill_tokens"] + llm.stats()["cached_tokens"] == sum(map(len, prompts))
 
 
-def test_greedy_equals_reference_loop(model):
+@pytest.mark.parametrize("fast", [True, False])
+def test_greedy_equals_reference_loop(model, fast):
     prompts = prompts_for(4, seed=3)
-    outs = LLM(model, max_num_seqs=4, block_size=4).generate(prompts, GREEDY)
+    outs = LLM(model, max_num_seqs=4, block_size=4, fast_decode=fast).generate(prompts, GREEDY)
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == reference_greedy(model, p, 10)
         assert o.outputs[0].finish_reason == "length"
@@ -79,8 +85,9 @@ def test_greedy_equals_reference_loop(model):
 
 # ---- continuous batching ----
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_staggered_arrivals_match_running_alone(model, temperature):
+def test_staggered_arrivals_match_running_alone(model, temperature, fast):
     """Requests arrive at different steps, finish at different times, share a 3-slot batch: each gets
     exactly the tokens it gets alone (greedy, and seeded sampling)."""
     prompts = prompts_for(6, seed=4)
@@ -88,7 +95,7 @@ def test_staggered_arrivals_match_running_alone(model, temperature):
                                       ignore_eos=True) for i in range(6)}
     arrivals = {0: [("r0", prompts[0]), ("r1", prompts[1])], 2: [("r2", prompts[2])],
                 3: [("r3", prompts[3]), ("r4", prompts[4])], 7: [("r5", prompts[5])]}
-    llm = LLM(model, max_num_seqs=3, max_num_batched_tokens=16, block_size=4)
+    llm = LLM(model, max_num_seqs=3, max_num_batched_tokens=16, block_size=4, fast_decode=fast)
     batched = run_staggered(llm, arrivals, params)
     for i in range(6):
         alone = LLM(model, max_num_seqs=1, enable_prefix_caching=False).generate([prompts[i]], params[f"r{i}"])[0]

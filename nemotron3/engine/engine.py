@@ -10,7 +10,8 @@ forward over their cache slots (with MTP speculation: one verify forward of k+1 
 then the MTP drafts), then the prefill chunks, then samples, detokenizes, checks stop conditions and frees
 the slots of finished sequences. Everything runs under `torch.inference_mode`. A decode step with a single
 running sequence (and no speculation) goes through `model/decode.py`'s `DecodePlan` on fp32 CPU models
-(`fast_decode=False` turns it off).
+(`fast_decode=False` turns it off); so do up to PLAN_MAX_ROWS sequences, one after the other, when the
+plan runs in its C kernel (cheaper than one batched forward at these sizes: bench/RESULTS.md).
 
 Per-sequence invariants between steps (they make prefix-cache snapshots and speculation compose):
 `cache.lengths[slot] == num_computed` (tokens fed through the backbone; in decode that is every token
@@ -44,6 +45,7 @@ from .scheduler import Scheduler, Sequence, Status
 from .speculative import accept_greedy, accept_sampled, draft
 
 _DETOK_CONTEXT = 4          # prompt tokens kept as decoding context for the first generated tokens
+PLAN_MAX_ROWS = 8           # decode steps of at most this many sequences run the C plan row by row
 
 
 @dataclass
@@ -501,10 +503,9 @@ class LLMEngine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         m, dev = self.model, self.model.device
-        plan = self._decode_plan() if len(seqs) == 1 and self.fast_decode else None
-        if plan is not None:
-            s = seqs[0]
-            h = plan.step(s.output_ids[-1], self.cache, s.slot)
+        plan = self._decode_plan() if self.fast_decode and len(seqs) <= PLAN_MAX_ROWS else None
+        if plan is not None and (len(seqs) == 1 or plan.native is not None):
+            h = torch.cat([plan.step(s.output_ids[-1], self.cache, s.slot) for s in seqs])
         else:
             ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=dev)
             h = m.hidden_states(ids, self.cache, [s.slot for s in seqs])[:, -1]
