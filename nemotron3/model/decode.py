@@ -212,6 +212,8 @@ class DecodePlan:
                                "(see the warning) or NEMOTRON3_NATIVE=0")
         if lib is not None:
             self._build_native(lib.n3_decode_step)
+        if native and self.native is None:
+            raise RuntimeError("the native decode step does not take this model's layers (see _native_layer)")
 
     def stale(self, full: bool = True) -> bool:
         """Whether a weight changed since the plan was built: `full` also notices replaced parameters."""
@@ -385,7 +387,7 @@ class DecodePlan:
         tensors, which stay alive with the plan). Layers it cannot take leave `native` None."""
         layers = (_Layer * len(self.layers))()
         self._router_bias = []
-        for L, (kind, i, p), blk in zip(layers, self.layers, self.model.backbone.layers):
+        for L, (kind, _, p) in zip(layers, self.layers):
             n, f, w = self._native_layer(kind, p)
             if w is None or any(t is not None and not (t.dtype == torch.float32 and t.is_contiguous()) for t in w):
                 return
@@ -414,8 +416,10 @@ class DecodePlan:
         if kind == "E":
             W1, b1, W2, b2, up, down, E, L, g, nw = p
             bias = g.e_score_correction_bias
-            if E > 4096 or g.top_k > 256 or bias.dtype != torch.float32 or not bias.is_contiguous():
-                return None, None, None
+            grouped_ok = g.n_group == 1 or (E // g.n_group >= 2 and g.topk_group <= g.n_group)
+            if E > 4096 or g.top_k > min(256, E) or not grouped_ok or bias.dtype != torch.float32 \
+                    or not bias.is_contiguous():
+                return None, None, None                     # the kernel's fixed-size routing buffers
             self._router_bias.append((g, bias))
             n = [E, L, up.shape[2], up.shape[1], W1.shape[1] - E - L, g.top_k, g.n_group, g.topk_group,
                  int(g.norm_topk_prob)]
