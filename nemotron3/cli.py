@@ -273,7 +273,8 @@ def main(argv=None) -> None:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
     s.add_argument("--num-speculative-tokens", type=int, default=0,
-                   help="MTP self-speculative decoding with k draft tokens (needs a model with an MTP block)")
+                   help="MTP self-speculative decoding with k draft tokens (needs a model with an MTP block; "
+                        "on a CPU plain decode is faster, see bench/RESULTS.md)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("serve", help="OpenAI/Anthropic-compatible API server and web chat (vLLM-style flags)")
