@@ -63,6 +63,14 @@ def test_native_step_checks_input_and_router_bias():
     with pytest.raises(ValueError, match="token id 96 out of range"):
         plan.step(96, cache, 0)
     assert int(cache.lengths.sum()) == 0
+    # a cache laid out for another config, or not fp32, never reaches the kernel's raw indexing
+    plan._step_torch = lambda *a: "torch ops"
+    other = HybridCache(tiny_model(5, ssm_state_size=4).config, 2, max_len=8)
+    assert plan.step(3, other, 0) == "torch ops"
+    other = HybridCache(tiny_model(5, head_dim=4).config, 2, max_len=8)
+    assert plan.step(3, other, 0) == "torch ops"
+    assert plan.step(3, HybridCache(model.config, 2, max_len=8, dtype=torch.bfloat16), 0) == "torch ops"
+    assert plan.step(3, cache, 1).shape == (1, model.config.hidden_size) and int(cache.lengths[1]) == 1
     assert not plan.stale(full=False)
     gate = model.moe_layers()[0].gate
     gate.e_score_correction_bias = gate.e_score_correction_bias.clone()     # the C layer points at the old one

@@ -181,7 +181,8 @@ def row_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """x [1, n_in] @ w_t [n_in, n_out] for fp32 CPU tensors, w_t contiguous: the C kernel's GEMV when it is
     built (the engine's single-row lm_head: ~1.5x faster than MKL's here), else `torch.mm`."""
     lib = native_library()
-    if lib is None or x.dtype != torch.float32 or not x.is_contiguous():
+    if lib is None or not (x.dtype == w_t.dtype == torch.float32 and x.is_contiguous() and w_t.is_contiguous()
+                           and x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == w_t.shape[0]):
         return x @ w_t
     y = torch.empty(1, w_t.shape[1])
     lib.n3_gemv(x.data_ptr(), w_t.shape[0], w_t.data_ptr(), w_t.shape[1], y.data_ptr())
@@ -395,8 +396,14 @@ class DecodePlan:
             L.n[:len(n)], L.f[:len(f)] = n, f
             L.w[:len(w)] = [None if t is None else t.data_ptr() for t in w]
         nl = len(self.layers)
+        shapes = []
+        for kind, _, p in self.layers:                  # the cache layout each layer's kernel expects
+            if kind == "M":
+                shapes.append(((p["sizes"][1], p["K"] - 1), (p["H"], p["P"], p["N"])))
+            else:
+                shapes.append((p[3], p[4]) if kind == "*" else None)
         self._c = dict(layers=layers, eps=(ctypes.c_double * nl)(*[b.norm.eps for b in self.model.backbone.layers]),
-                       state=(ctypes.c_void_p * (2 * nl))(), cap=(ctypes.c_int64 * nl)())
+                       state=(ctypes.c_void_p * (2 * nl))(), cap=(ctypes.c_int64 * nl)(), shapes=shapes)
         self._emb = self.emb.float().contiguous()
         self._norm_f = self.norm_f.contiguous()
         self._eps_f = self.model.backbone.norm_f.eps
@@ -434,14 +441,18 @@ class DecodePlan:
         c = self._c
         state, cap = c["state"], c["cap"]
         for j, (kind, i, _) in enumerate(self.layers):
+            # the kernel indexes raw memory: a cache not laid out as the layers were described runs torch ops
             if kind == "M":
                 a, b = cache.conv[i], cache.ssm[i]
+                ok = (a.shape[1:], b.shape[1:]) == c["shapes"][j]
             elif kind == "*":
                 a, b = cache.k[i], cache.v[i]
+                ok = (a.shape[1], a.shape[3]) == c["shapes"][j] and b.shape == a.shape
                 cap[j] = a.shape[2]
             else:
                 continue
-            if a.dtype != torch.float32 or b.dtype != torch.float32 or not (a.is_contiguous() and b.is_contiguous()):
+            if not (ok and slot < a.shape[0] and a.dtype == b.dtype == torch.float32 and a.is_contiguous()
+                    and b.is_contiguous()):
                 return self._step_torch(token, cache, slot)
             state[2 * j] = a.data_ptr() + slot * a.stride(0) * 4
             state[2 * j + 1] = b.data_ptr() + slot * b.stride(0) * 4
