@@ -13,6 +13,8 @@ from nemotron3 import HybridCache, NemotronHForCausalLM
 from nemotron3.engine import LLM, SamplingParams
 from nemotron3.model import decode
 from nemotron3.model.decode import DecodePlan, supported
+from nemotron3.presets import get_preset
+from nemotron3.quant.quantize import quantize_model
 
 VARIANTS = {
     "latent": dict(),
@@ -51,6 +53,31 @@ def test_plan_steps_equal_full_forward(name, backend):
             torch.testing.assert_close(model.logits(h)[0], full[t], rtol=1e-4, atol=1e-4)
         assert int(cache.lengths[2]) == 24 and int(cache.lengths[0]) == 0
         assert cache.ssm[0][:2].abs().sum() == 0 and cache.k[1][:2].abs().sum() == 0    # other slots untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-mixed"])
+def test_plan_on_quantized_model_equals_its_full_forward(recipe, backend):
+    """NVFP4 / FP8 linears and NVFP4 experts enter the plan dequantized once: each step equals the quantized
+    model's own forward (which dequantizes per call), and the engine's greedy tokens equal its generic path."""
+    torch.manual_seed(0)
+    model = quantize_model(randomize(NemotronHForCausalLM(get_preset("tiny")).eval(), 3), recipe)
+    kinds = {type(q).__name__ for q in model.modules()}
+    assert "NVFP4Experts" in kinds and ("FP8Linear" in kinds) == (recipe == "nvfp4-mixed")
+    assert supported(model)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
+    plan = DecodePlan(model, native=backend == "native")
+    with torch.no_grad():
+        full = model(ids)[0]
+        cache = HybridCache(model.config, 1, max_len=4)
+        model(ids[:, :8], cache)
+        for t in range(8, 20):
+            torch.testing.assert_close(model.logits(plan.step(int(ids[0, t]), cache, 0))[0], full[t],
+                                       rtol=1e-4, atol=1e-4)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = [LLM(model, max_num_seqs=1, fast_decode=f).generate([ids[0, :6].tolist()], greedy)[0].outputs[0].token_ids
+            for f in (True, False)]
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")

@@ -26,8 +26,10 @@ the full forward.
 Numerics are the generic path's up to fp32 summation order (tests compare with the full forward at
 1e-4). The copies double the memory of the weights, so the engine builds a plan only for fp32 CPU
 models of at most MAX_WEIGHT_BYTES, and rebuilds it whenever a weight changes (its identity or in-place
-version), as between RL updates. Anything the plan does not cover (batches > 1, speculation, NVFP4
-modules, bf16) runs the generic forward.
+version), as between RL updates. W4A16 NVFP4 / W8A16 FP8 modules (an NVFP4 checkpoint loaded with fp32
+activations) are dequantized once into those fp32 copies: the weights their own forward uses, without a
+dequantization per token. Anything the plan does not cover (speculation, bf16 activations, custom expert
+functions) runs the generic forward.
 """
 from __future__ import annotations
 
@@ -46,15 +48,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.linear import FP8Linear, NVFP4Linear
+from ..quant.quantize import NVFP4Experts
 from .attention import Attention
 from .mamba2 import Mamba2Mixer
 from .moe import Experts, LatentMoE, MLP, TopkRouter
 from .norm import GatedRMSNorm, RMSNorm
 
 
-def _t(w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+LINEARS = (nn.Linear, NVFP4Linear, FP8Linear)
+
+
+def _weight(mod) -> torch.Tensor:
+    """A linear's (or the router's) [out, in] weight in fp32. A W4A16 / W8A16 module gives its dequantized codes:
+    exactly the fp32 weight its own forward multiplies fp32 activations by."""
+    deq = getattr(mod, "dequantized_weight", None)
+    return (deq(torch.float32) if deq is not None else mod.weight).detach().float()
+
+
+def _experts(experts, proj: str) -> torch.Tensor:
+    """Routed experts' `proj` ("up_proj" [E, I, l] / "down_proj" [E, l, I]) in fp32, dequantized if NVFP4."""
+    if isinstance(experts, NVFP4Experts):
+        return torch.stack([experts.dequantized(proj, e) for e in range(experts.n_experts)])
+    return getattr(experts, proj).detach().float()
+
+
+def _t(mod, scale: torch.Tensor | None = None) -> torch.Tensor:
     """[out, in] weight -> [in, out]-contiguous fp32 copy, rows optionally scaled (a folded norm weight)."""
-    wt = w.detach().float().t()
+    wt = _weight(mod).t()
     if scale is not None:
         wt = scale.detach().float()[:, None] * wt
     return wt.contiguous()
@@ -70,31 +91,40 @@ def _bias(*mods) -> torch.Tensor | None:
 MAX_WEIGHT_BYTES = 4 << 30      # the plan copies the weights: no plan for models larger than this
 
 
+def _tracked(model) -> list[torch.Tensor]:
+    """The tensors the plan's copies are made from: parameters and the quantized modules' codes/scales."""
+    return list(model.parameters()) + [b for b in model.buffers() if b.dtype in (torch.uint8, torch.float8_e4m3fn)]
+
+
 def supported(model) -> bool:
-    """The plan covers fp32 CPU models built from the stock modules (not NVFP4 / custom experts) whose
-    weights fit twice in memory comfortably (<= MAX_WEIGHT_BYTES)."""
+    """The plan covers fp32-activation CPU models built from the stock modules, their linears and routed
+    experts either fp32 or W4A16 NVFP4 / W8A16 FP8 (dequantized once into the plan's fp32 copies; not custom
+    expert functions), whose fp32 weights fit in memory comfortably (<= MAX_WEIGHT_BYTES)."""
     p = model.lm_head.weight
     if p.dtype != torch.float32 or p.device.type != "cpu" or model.config.mamba_ssm_cache_dtype != "float32":
         return False
-    if sum(q.numel() for q in model.parameters()) * 4 > MAX_WEIGHT_BYTES:
+    packed = sum(b.numel() for b in model.buffers() if b.dtype == torch.uint8)      # 2 NVFP4 codes per byte
+    if (sum(q.numel() for q in _tracked(model)) + packed) * 4 > MAX_WEIGHT_BYTES:
         return False
     for layer in model.backbone.layers:
         m = layer.mixer
         if type(layer.norm) is not RMSNorm:
             return False
         if layer.kind == "M":
-            ok = type(m) is Mamba2Mixer and type(m.in_proj) is nn.Linear and type(m.out_proj) is nn.Linear \
+            ok = type(m) is Mamba2Mixer and type(m.in_proj) in LINEARS and type(m.out_proj) in LINEARS \
                 and type(m.norm) is GatedRMSNorm
         elif layer.kind == "*":
-            ok = type(m) is Attention and all(type(getattr(m, n)) is nn.Linear
+            ok = type(m) is Attention and all(type(getattr(m, n)) in LINEARS
                                               for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         elif layer.kind == "E":
-            ok = type(m) is LatentMoE and type(m.gate) is TopkRouter and type(m.experts) is Experts \
-                and m.experts.linear_fn is None and not m.record_router and type(m.shared_experts) is MLP \
-                and (m.fc1_latent_proj is None or (type(m.fc1_latent_proj) is nn.Linear
-                                                   and type(m.fc2_latent_proj) is nn.Linear))
+            ok = type(m) is LatentMoE and type(m.gate) is TopkRouter \
+                and (type(m.experts) is NVFP4Experts or (type(m.experts) is Experts and m.experts.linear_fn is None)) \
+                and not m.record_router and type(m.shared_experts) is MLP \
+                and all(type(q) in LINEARS for q in (m.shared_experts.up_proj, m.shared_experts.down_proj)) \
+                and (m.fc1_latent_proj is None or (type(m.fc1_latent_proj) in LINEARS
+                                                   and type(m.fc2_latent_proj) in LINEARS))
         else:
-            ok = type(m) is MLP and type(m.up_proj) is nn.Linear and type(m.down_proj) is nn.Linear
+            ok = type(m) is MLP and type(m.up_proj) in LINEARS and type(m.down_proj) in LINEARS
         if not ok or any(q.dtype != torch.float32 for q in m.parameters()):
             return False
     return True
@@ -104,7 +134,7 @@ def weights_key(model) -> tuple:
     """Changes whenever a parameter is replaced or updated in place (the plan's copies are then stale).
     Walking the module tree costs ~0.3 ms; `DecodePlan.stale(full=False)` checks only the in-place
     versions of the parameters it was built from (~15 us)."""
-    return tuple((id(p), p._version) for p in model.parameters())
+    return tuple((id(p), p._version) for p in _tracked(model))
 
 
 # ---------------------------------------------------------------------- the C kernel (decode_step.c)
@@ -200,7 +230,7 @@ class DecodePlan:
         self.d = c.hidden_size
         self.eps = c.layer_norm_epsilon
         self.key = weights_key(model)
-        self.params = list(model.parameters())
+        self.params = _tracked(model)
         self.versions = [p._version for p in self.params]
         with torch.no_grad():
             self.emb = model.backbone.embeddings.weight.detach()
@@ -230,8 +260,8 @@ class DecodePlan:
         if blk.kind == "M":
             return ("M", blk.layer_id, self._mamba(m, nw))
         if blk.kind == "*":
-            W = torch.cat([_t(m.q_proj.weight, nw), _t(m.k_proj.weight, nw), _t(m.v_proj.weight, nw)], 1)
-            return ("*", blk.layer_id, (W.contiguous(), _t(m.o_proj.weight), m.n_q, m.n_kv, m.head_dim))
+            W = torch.cat([_t(m.q_proj, nw), _t(m.k_proj, nw), _t(m.v_proj, nw)], 1)
+            return ("*", blk.layer_id, (W.contiguous(), _t(m.o_proj), m.n_q, m.n_kv, m.head_dim))
         if blk.kind == "E":
             # W1 = [router | fc1_latent | shared up] (one GEMV on the normed input), W2 = [fc2_latent ; shared
             # down] (one addmm onto the residual). Without a latent projection the experts read the normed
@@ -239,21 +269,21 @@ class DecodePlan:
             g, lat, up_s = m.gate, m.fc1_latent_proj, m.shared_experts.up_proj
             L = 0 if lat is None else lat.out_features
             mods1 = [up_s] if lat is None else [lat, up_s]
-            W1 = torch.cat([_t(g.weight, nw)] + [_t(q.weight, nw) for q in mods1], 1)
+            W1 = torch.cat([_t(g, nw)] + [_t(q, nw) for q in mods1], 1)
             b1 = _bias(*mods1)
             if b1 is not None:
                 b1 = torch.cat([torch.zeros(1, g.n_experts), b1], 1)
             mods2 = [m.shared_experts.down_proj] if lat is None else [m.fc2_latent_proj, m.shared_experts.down_proj]
-            W2 = torch.cat([_t(q.weight) for q in mods2], 0)
+            W2 = torch.cat([_t(q) for q in mods2], 0)
             b2 = None
             for q in mods2:
                 if q.bias is not None:
                     b2 = q.bias.detach().float()[None] if b2 is None else b2 + q.bias.detach().float()[None]
-            up = m.experts.up_proj.detach().float().transpose(1, 2).contiguous()        # [E, l, I]
-            down = m.experts.down_proj.detach().float().transpose(1, 2).contiguous()    # [E, I, l]
+            up = _experts(m.experts, "up_proj").transpose(1, 2).contiguous()        # [E, l, I]
+            down = _experts(m.experts, "down_proj").transpose(1, 2).contiguous()    # [E, I, l]
             return ("E", blk.layer_id, (W1.contiguous(), b1, W2.contiguous(), b2, up, down, g.n_experts, L, g,
                                         nw.detach().float() if lat is None else None))
-        return ("-", blk.layer_id, (_t(m.up_proj.weight, nw), _bias(m.up_proj), _t(m.down_proj.weight),
+        return ("-", blk.layer_id, (_t(m.up_proj, nw), _bias(m.up_proj), _t(m.down_proj),
                                     _bias(m.down_proj)))
 
     def _mamba(self, m: Mamba2Mixer, nw):
@@ -263,11 +293,11 @@ class DecodePlan:
             w = torch.cat([w, m.conv1d.bias.detach().float()[None]], 0)                 # bias as a 5th tap
         lo, hi = c.time_step_limit
         return dict(
-            W_in=_t(m.in_proj.weight, nw), b_in=_bias(m.in_proj), conv_w=w.contiguous(),
+            W_in=_t(m.in_proj, nw), b_in=_bias(m.in_proj), conv_w=w.contiguous(),
             conv_bias=m.conv1d.bias is not None, one=torch.ones(1, m.conv_dim),
             dt_bias=m.dt_bias.detach().float(), A=-torch.exp(m.A_log.detach().float()),
             D=m.D.detach().float()[:, None],
-            W_out=_t(m.out_proj.weight, m.norm.weight), b_out=_bias(m.out_proj),
+            W_out=_t(m.out_proj, m.norm.weight), b_out=_bias(m.out_proj),
             dt_min=c.time_step_min if c.mamba_dt_clamp else None,
             limit=(lo, hi) if lo > 0 or math.isfinite(hi) else None,
             sizes=(m.d_inner, m.conv_dim, m.num_heads), H=m.num_heads, P=m.head_dim, G=m.n_groups,
