@@ -57,7 +57,7 @@ def test_record_and_rollback_equal_full_forward(model):
     torch.testing.assert_close(c[0], full[1, 17:20], rtol=1e-4, atol=1e-4)
 
 
-# fast_decode: decode steps of <= PLAN_MAX_ROWS sequences run the batch-1 plan row by row (C kernel);
+# fast_decode: decode steps of <= PLAN_MAX_ROWS sequences run the decode plan's C kernel, all rows at once;
 # False keeps them in the generic batched forward, which larger batches use
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -10,8 +10,8 @@ forward over their cache slots (with MTP speculation: one verify forward of k+1 
 then the MTP drafts), then the prefill chunks, then samples, detokenizes, checks stop conditions and frees
 the slots of finished sequences. Everything runs under `torch.inference_mode`. A decode step with a single
 running sequence (and no speculation) goes through `model/decode.py`'s `DecodePlan` on fp32 CPU models
-(`fast_decode=False` turns it off); so do up to PLAN_MAX_ROWS sequences, one after the other, when the
-plan runs in its C kernel (cheaper than one batched forward at these sizes: bench/RESULTS.md).
+(`fast_decode=False` turns it off); so do up to PLAN_MAX_ROWS sequences in one call when the plan runs in its
+C kernel (1.3-2.7x cheaper than the batched forward at 2-64 sequences: bench/RESULTS.md).
 
 Per-sequence invariants between steps (they make prefix-cache snapshots and speculation compose):
 `cache.lengths[slot] == num_computed` (tokens fed through the backbone; in decode that is every token
@@ -36,7 +36,7 @@ from typing import AsyncIterator, Sequence as Seq
 import torch
 
 from ..model import HybridCache, NemotronHForCausalLM
-from ..model.decode import DecodePlan, row_matmul, supported as decode_supported
+from ..model.decode import DecodePlan, rows_matmul, supported as decode_supported
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecAcceptance
 from .prefix_cache import PrefixCache
 from .reasoning import MEDIUM_THINKING_BUDGET, ReasoningTokens, ThinkingBudget, effective_budget
@@ -45,7 +45,7 @@ from .scheduler import Scheduler, Sequence, Status
 from .speculative import accept_greedy, accept_sampled, draft
 
 _DETOK_CONTEXT = 4          # prompt tokens kept as decoding context for the first generated tokens
-PLAN_MAX_ROWS = 8           # decode steps of at most this many sequences run the C plan row by row
+PLAN_MAX_ROWS = 64          # decode steps of at most this many sequences run the C plan (all rows in one call)
 
 
 @dataclass
@@ -179,17 +179,15 @@ class LLMEngine:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """`model.logits`, faster for a few rows: on CPU a GEMV against an [in, out]-contiguous copy of
         lm_head is ~4x faster than F.linear's [out, in] one at M=1 (8192x256: 0.25 vs 1.1 ms), and the C
-        kernel's GEMV (`row_matmul`) ~1.5x faster again for one row. The copy is rebuilt whenever the
-        weight changes (identity or in-place version), e.g. between RL updates."""
+        kernel's GEMM (`rows_matmul`, the weight read once for all rows) faster again. The copy is rebuilt
+        whenever the weight changes (identity or in-place version), e.g. between RL updates."""
         w = self.model.lm_head.weight
         if h.shape[0] > 8 or w.dtype != torch.float32 or w.device.type != "cpu":
             return self.model.logits(h)
         key = (id(w), w._version)
         if key != self._head_key:
             self._head_t, self._head_key = w.detach().t().contiguous(), key
-        if h.shape[0] == 1 and h.dtype == torch.float32:
-            return row_matmul(h.contiguous(), self._head_t)
-        return (h.to(w.dtype) @ self._head_t).float()
+        return rows_matmul(h.float().contiguous(), self._head_t)
 
     # ------------------------------------------------------------------ requests
     def prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -505,7 +503,7 @@ class LLMEngine:
         m, dev = self.model, self.model.device
         plan = self._decode_plan() if self.fast_decode and len(seqs) <= PLAN_MAX_ROWS else None
         if plan is not None and (len(seqs) == 1 or plan.native is not None):
-            h = torch.cat([plan.step(s.output_ids[-1], self.cache, s.slot) for s in seqs])
+            h = plan.step_rows([s.output_ids[-1] for s in seqs], self.cache, [s.slot for s in seqs])
         else:
             ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=dev)
             h = m.hidden_states(ids, self.cache, [s.slot for s in seqs])[:, -1]

@@ -170,7 +170,7 @@ def _cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def native_library():
-    """decode_step.c (`n3_decode_step`, `n3_gemv`) compiled on first use with the system C compiler ($CC, cc or
+    """decode_step.c (`n3_decode_rows`, `n3_gemm`) compiled on first use with the system C compiler ($CC, cc or
     gcc) into $NEMOTRON3_CACHE/native (default ~/.cache/nemotron3/native; one file per source, flags and
     CPU, written atomically), or None: NEMOTRON3_NATIVE=0, no compiler, or a failed build (warned)."""
     if os.environ.get("NEMOTRON3_NATIVE", "1") == "0":
@@ -199,23 +199,24 @@ def native_library():
             warnings.warn(f"the native decode step is unavailable: {e}")
             return None
         P, I64 = ctypes.c_void_p, ctypes.c_int64
-        lib.n3_decode_step.argtypes = [P, I64, I64, P, P, P, P, I64, P, ctypes.c_double, P]
-        lib.n3_decode_step.restype = ctypes.c_int
-        lib.n3_gemv.argtypes = [P, I64, P, I64, P]
-        lib.n3_gemv.restype = None
+        lib.n3_decode_rows.argtypes = [P, I64, I64, I64, P, P, P, P, P, P, ctypes.c_double, P]
+        lib.n3_decode_rows.restype = ctypes.c_int
+        lib.n3_gemm.argtypes = [P, I64, I64, P, I64, P]
+        lib.n3_gemm.restype = None
         return lib
     return None
 
 
-def row_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """x [1, n_in] @ w_t [n_in, n_out] for fp32 CPU tensors, w_t contiguous: the C kernel's GEMV when it is
-    built (the engine's single-row lm_head: ~1.5x faster than MKL's here), else `torch.mm`."""
+def rows_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x [B, n_in] @ w_t [n_in, n_out] for fp32 CPU tensors: the C kernel's GEMM when it is built (the engine's
+    lm_head for a few rows: the weight is read once for all rows, where MKL's small-M GEMM reads it about once
+    per row; ~1.5x faster than MKL for one row here), else `torch.mm`."""
     lib = native_library()
     if lib is None or not (x.dtype == w_t.dtype == torch.float32 and x.is_contiguous() and w_t.is_contiguous()
-                           and x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == w_t.shape[0]):
+                           and x.dim() == 2 and x.shape[1] == w_t.shape[0] and x.device.type == "cpu"):
         return x @ w_t
-    y = torch.empty(1, w_t.shape[1])
-    lib.n3_gemv(x.data_ptr(), w_t.shape[0], w_t.data_ptr(), w_t.shape[1], y.data_ptr())
+    y = torch.empty(x.shape[0], w_t.shape[1])
+    lib.n3_gemm(x.data_ptr(), x.shape[0], w_t.shape[0], w_t.data_ptr(), w_t.shape[1], y.data_ptr())
     return y
 
 
@@ -242,7 +243,7 @@ class DecodePlan:
             raise RuntimeError("the native decode step is not available: no C compiler, a failed build "
                                "(see the warning) or NEMOTRON3_NATIVE=0")
         if lib is not None:
-            self._build_native(lib.n3_decode_step)
+            self._build_native(lib.n3_decode_rows)
         if native and self.native is None:
             raise RuntimeError("the native decode step does not take this model's layers (see _native_layer)")
 
@@ -309,17 +310,30 @@ class DecodePlan:
         hv = h[0]
         return 1.0 / math.sqrt(float(torch.dot(hv, hv)) / self.d + self.eps)
 
-    @torch.no_grad()
     def step(self, token: int, cache, slot: int) -> torch.Tensor:
         """Feed `token` to cache slot `slot` (advancing its length); return the backbone output after
-        `norm_f`, [1, d] fp32. Runs the C kernel when it is built and the cache is fp32, else torch ops."""
-        if not 0 <= slot < cache.num_slots:
-            raise ValueError(f"slot {slot} out of range: the cache has slots 0..{cache.num_slots - 1}")
-        if not 0 <= token < self.emb.shape[0]:
-            raise ValueError(f"token id {token} out of range for a vocabulary of {self.emb.shape[0]}")
+        `norm_f`, [1, d] fp32."""
+        return self.step_rows([token], cache, [slot])
+
+    @torch.no_grad()
+    def step_rows(self, tokens: list[int], cache, slots: list[int]) -> torch.Tensor:
+        """One new token for each of B sequences (row b: `tokens[b]` into slot `slots[b]`, at that slot's
+        own length); returns [B, d]. The C kernel takes all rows in one call (each weight read once); the
+        torch ops run the rows one after the other."""
+        if len(tokens) != len(slots) or not tokens:
+            raise ValueError(f"{len(tokens)} tokens for {len(slots)} slots: need one token per slot, at least one")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots {slots} repeat a slot: each row needs its own")
+        for slot, token in zip(slots, tokens):
+            if not 0 <= slot < cache.num_slots:
+                raise ValueError(f"slot {slot} out of range: the cache has slots 0..{cache.num_slots - 1}")
+            if not 0 <= token < self.emb.shape[0]:
+                raise ValueError(f"token id {token} out of range for a vocabulary of {self.emb.shape[0]}")
         if self.native is not None and cache.dtype == torch.float32:
-            return self._step_native(token, cache, slot)
-        return self._step_torch(token, cache, slot)
+            out = self._rows_native(tokens, cache, slots)
+            if out is not None:
+                return out
+        return torch.cat([self._step_torch(t, cache, s) for t, s in zip(tokens, slots)])
 
     def _step_torch(self, token: int, cache, slot: int) -> torch.Tensor:
         pos = int(cache.lengths[slot])
@@ -464,14 +478,15 @@ class DecodePlan:
         W1, b1, W2, b2 = p
         return [W1.shape[1]], [], [W1, b1, W2, b2]
 
-    def _step_native(self, token: int, cache, slot: int) -> torch.Tensor:
-        pos = int(cache.lengths[slot])
+    def _rows_native(self, tokens, cache, slots) -> torch.Tensor | None:
+        """The C kernel on B rows; None (nothing done) when the cache is not laid out as the layers were
+        described: the kernel indexes raw memory, so anything else runs the torch ops."""
+        pos = [int(cache.lengths[s]) for s in slots]
         if cache.k:
-            cache.ensure_capacity(pos + 1)
-        c = self._c
-        state, cap = c["state"], c["cap"]
+            cache.ensure_capacity(max(pos) + 1)
+        c, B, nl, d = self._c, len(slots), len(self.layers), self.d
+        state, cap = (ctypes.c_void_p * (2 * B * nl))(), c["cap"]
         for j, (kind, i, _) in enumerate(self.layers):
-            # the kernel indexes raw memory: a cache not laid out as the layers were described runs torch ops
             if kind == "M":
                 a, b = cache.conv[i], cache.ssm[i]
                 ok = (a.shape[1:], b.shape[1:]) == c["shapes"][j]
@@ -481,15 +496,19 @@ class DecodePlan:
                 cap[j] = a.shape[2]
             else:
                 continue
-            if not (ok and slot < a.shape[0] and a.dtype == b.dtype == torch.float32 and a.is_contiguous()
-                    and b.is_contiguous()):
-                return self._step_torch(token, cache, slot)
-            state[2 * j] = a.data_ptr() + slot * a.stride(0) * 4
-            state[2 * j + 1] = b.data_ptr() + slot * b.stride(0) * 4
-        out = torch.empty(1, self.d)
-        d = self.d
-        if self.native(c["layers"], len(self.layers), d, self._emb.data_ptr() + token * d * 4, c["eps"], state,
-                       cap, pos, self._norm_f.data_ptr(), self._eps_f, out.data_ptr()):
+            if not (ok and cache.num_slots <= a.shape[0] and a.dtype == b.dtype == torch.float32
+                    and a.is_contiguous() and b.is_contiguous()):
+                return None
+            pa, pb, sa, sb = a.data_ptr(), b.data_ptr(), a.stride(0) * 4, b.stride(0) * 4
+            for r, slot in enumerate(slots):
+                state[2 * (r * nl + j)] = pa + slot * sa
+                state[2 * (r * nl + j) + 1] = pb + slot * sb
+        emb = self._emb.data_ptr()
+        x = (ctypes.c_void_p * B)(*[emb + t * d * 4 for t in tokens])
+        out = torch.empty(B, d)
+        if self.native(c["layers"], nl, d, B, x, c["eps"], state, cap, (ctypes.c_int64 * B)(*pos),
+                       self._norm_f.data_ptr(), self._eps_f, out.data_ptr()):
             raise MemoryError("the native decode step could not allocate its scratch memory")
-        cache.lengths[slot] = pos + 1
+        for slot, p in zip(slots, pos):
+            cache.lengths[slot] = p + 1
         return out

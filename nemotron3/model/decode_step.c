@@ -1,15 +1,17 @@
-/* Batch-1 decode step in C: the whole backbone for one new token in one call (see decode.py).
+/* Small-batch decode step in C: the whole backbone for one new token of each of B sequences in one call
+ * (see decode.py).
  *
  * The Python plan (`DecodePlan._step_torch`) spends about two thirds of a pico-sized step in framework
  * overhead: ~600 ATen calls of 2-6 us each around ~1 ms of GEMVs. This file runs the same math, on the
  * same prepared weights ([in, out]-contiguous fp32 copies with the pre-norm weights folded in), as plain
- * loops, so what remains is the weight reads. It mirrors `_step_torch` line for line; tests compare both
- * with the full forward at 1e-4.
+ * loops, so what remains is the weight reads. Each weight block is read once for all B rows (a row is one
+ * sequence, at its own position in its own cache slot); routed experts run once per expert on the rows
+ * that chose it. It mirrors `_step_torch`; tests compare both with the full forward at 1e-4.
  *
  * Built on first use by decode.py with the system C compiler (no ATen headers: a ~1 s compile), loaded
- * with ctypes; without a compiler the Python plan runs instead. Single-threaded, like the rest of batch-1
- * decode on CPU. No -ffast-math: it would link crtfastmath.o and turn on flush-to-zero for the whole
- * process; the flags decode.py passes allow reassociation (vectorised dot products) only.
+ * with ctypes; without a compiler the Python plan runs instead. Single-threaded, like the rest of decode
+ * on CPU. No -ffast-math: it would link crtfastmath.o and turn on flush-to-zero for the whole process; the
+ * flags decode.py passes allow reassociation (vectorised dot products) only.
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,6 +29,15 @@ typedef struct {
     const float *w[10];
 } Layer;
 
+/* Where the B rows of a call keep their state: layer i of row b uses state[2 (b L + i)] and the next
+ * pointer ((conv, ssm) or (K, V) of the row's cache slot), K/V capacity cap[i], position pos[b]. */
+typedef struct {
+    int64_t n_layers;
+    float *const *state;
+    const int64_t *cap;
+    const int64_t *pos;
+} Rows;
+
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 static inline float relu2(float x) { return x > 0.0f ? x * x : 0.0f; }
 
@@ -42,58 +53,69 @@ static float dot(const float *restrict a, const float *restrict b, int64_t n) {
     return s;
 }
 
-/* y = (acc ? y : 0) + b + alpha * x @ W, W [n_in, n_out] row-major. Eight input rows per pass over a
- * tile of outputs that stays in L1; the inner loop is a vectorised multiply-add over contiguous weight
- * rows (eight streams: ~15% faster than four when the weights come from L3). */
+/* Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] X[b] @ W for the B rows of X (stride ldx) and Y (stride ldy);
+ * W [n_in, n_out] row-major, alpha NULL = 1. Eight weight rows at a time over a 512-column tile of the
+ * outputs: the 16 KiB weight block is read from memory once and from L1 by every row, and the inner loop
+ * is a vectorised multiply-add over contiguous weight rows (eight streams: ~15% faster than four when the
+ * weights come from L3). */
 #define TILE 512
 #define ROWS 8
-static void gemv(const float *restrict x, int64_t n_in, const float *restrict W, int64_t n_out,
-                 float *restrict y, float alpha, const float *restrict b, int acc) {
-    if (!acc) {
-        if (b) memcpy(y, b, (size_t)n_out * sizeof(float));
-        else memset(y, 0, (size_t)n_out * sizeof(float));
-    } else if (b) {
-        for (int64_t o = 0; o < n_out; o++) y[o] += b[o];
+static void gemm(const float *restrict X, int64_t ldx, int64_t B, int64_t n_in, const float *restrict W,
+                 int64_t n_out, float *restrict Y, int64_t ldy, const float *alpha, const float *restrict bias,
+                 int acc) {
+    for (int64_t b = 0; b < B; b++) {
+        float *restrict y = Y + b * ldy;
+        if (!acc) {
+            if (bias) memcpy(y, bias, (size_t)n_out * sizeof(float));
+            else memset(y, 0, (size_t)n_out * sizeof(float));
+        } else if (bias) {
+            for (int64_t o = 0; o < n_out; o++) y[o] += bias[o];
+        }
     }
     for (int64_t o0 = 0; o0 < n_out; o0 += TILE) {
         const int64_t m = n_out - o0 < TILE ? n_out - o0 : TILE;
-        float *restrict yt = y + o0;
         int64_t i = 0;
         for (; i + ROWS <= n_in; i += ROWS) {
-            float a[ROWS];
             const float *restrict w[ROWS];
-            for (int r = 0; r < ROWS; r++) {
-                a[r] = alpha * x[i + r];
-                w[r] = W + (i + r) * n_out + o0;
+            for (int r = 0; r < ROWS; r++) w[r] = W + (i + r) * n_out + o0;
+            for (int64_t b = 0; b < B; b++) {
+                const float al = alpha ? alpha[b] : 1.0f, *x = X + b * ldx + i;
+                float a[ROWS];
+                for (int r = 0; r < ROWS; r++) a[r] = al * x[r];
+                float *restrict yt = Y + b * ldy + o0;
+                for (int64_t o = 0; o < m; o++)
+                    yt[o] += (a[0] * w[0][o] + a[1] * w[1][o] + a[2] * w[2][o] + a[3] * w[3][o])
+                           + (a[4] * w[4][o] + a[5] * w[5][o] + a[6] * w[6][o] + a[7] * w[7][o]);
             }
-            for (int64_t o = 0; o < m; o++)
-                yt[o] += (a[0] * w[0][o] + a[1] * w[1][o] + a[2] * w[2][o] + a[3] * w[3][o])
-                       + (a[4] * w[4][o] + a[5] * w[5][o] + a[6] * w[6][o] + a[7] * w[7][o]);
         }
         for (; i < n_in; i++) {
-            const float ai = alpha * x[i];
             const float *restrict w0 = W + i * n_out + o0;
-            for (int64_t o = 0; o < m; o++) yt[o] += ai * w0[o];
+            for (int64_t b = 0; b < B; b++) {
+                const float ai = (alpha ? alpha[b] : 1.0f) * X[b * ldx + i];
+                float *restrict yt = Y + b * ldy + o0;
+                for (int64_t o = 0; o < m; o++) yt[o] += ai * w0[o];
+            }
         }
     }
 }
 
-/* y [n_out] = x [n_in] @ W [n_in, n_out]: the engine's lm_head GEMV for one row (faster than MKL's). */
-void n3_gemv(const float *x, int64_t n_in, const float *W, int64_t n_out, float *y) {
-    gemv(x, n_in, W, n_out, y, 1.0f, NULL, 0);
+/* Y [B, n_out] = X [B, n_in] @ W [n_in, n_out]: the engine's lm_head for a few rows (faster than MKL's). */
+void n3_gemm(const float *X, int64_t B, int64_t n_in, const float *W, int64_t n_out, float *Y) {
+    gemm(X, n_in, B, n_in, W, n_out, Y, n_out, NULL, NULL, 0);
 }
 
-/* n: d_inner, conv_dim, heads, head_dim, groups, state, kernel, norm group size, conv bias?, dt_min?, limit?
+/* ---------------------------------------------------------------------------------------------- Mamba-2
+ * n: d_inner, conv_dim, heads, head_dim, groups, state, kernel, norm group size, conv bias?, dt_min?, limit?
  * f: dt_min, limit lo, limit hi, gated-norm eps
  * w: in_proj^T (block norm folded), in bias, conv taps [K (+1 bias row), C], dt_bias, A = -exp(A_log), D,
- *    out_proj^T (gated-norm weight folded), out bias
- * conv [C, K-1] and ssm [H, P, N] are this slot's state, updated in place. */
-static void mamba_step(const Layer *L, float *restrict h, int64_t d, float s, float *restrict conv,
-                       float *restrict ssm, float *restrict buf) {
+ *    out_proj^T (gated-norm weight folded), out bias */
+
+/* One row after in_proj: zx = [z | xBC | dt] -> y [di] (gated and normed), updating the row's conv window
+ * [C, K-1] and SSM state [H, P, N] in place. xc [C] is scratch. */
+static void mamba_recur(const Layer *L, float *restrict zx, float *restrict xc, float *restrict y,
+                        float *restrict conv, float *restrict ssm) {
     const int64_t di = L->n[0], C = L->n[1], H = L->n[2], P = L->n[3], G = L->n[4], N = L->n[5], K = L->n[6];
     const int64_t gs = L->n[7];
-    float *zx = buf, *xc = buf + di + C + H, *y = xc + C;
-    gemv(h, d, L->w[0], di + C + H, zx, s, L->w[1], 0);
     const float *z = zx, *xbc = zx + di;
     float *dt = zx + di + C;
     const float *cw = L->w[2];
@@ -135,16 +157,26 @@ static void mamba_step(const Layer *L, float *restrict h, int64_t d, float s, fl
         const float rs = 1.0f / sqrtf(sumsq(y + g0, gs) / (float)gs + (float)L->f[3]);
         for (int64_t i = g0; i < g0 + gs; i++) y[i] *= rs;
     }
-    gemv(y, di, L->w[6], d, h, 1.0f, L->w[7], 1);
 }
 
-/* n: query heads, kv heads, head_dim.  w: [q|k|v]^T (block norm folded), o_proj^T.
- * kb / vb: this slot's K/V [kv heads, cap, head_dim]; the new key/value are written at `pos`. */
-static void attention_step(const Layer *L, float *restrict h, int64_t d, float s, float *restrict kb,
-                           float *restrict vb, int64_t cap, int64_t pos, float *restrict buf) {
+static void mamba_rows(const Layer *L, int64_t li, const Rows *R, int64_t B, float *h, int64_t d,
+                       const float *s, float *buf) {
+    const int64_t di = L->n[0], C = L->n[1], W = di + C + L->n[2];
+    float *zx = buf, *y = zx + B * W, *xc = y + B * di;
+    gemm(h, d, B, d, L->w[0], W, zx, W, s, L->w[1], 0);
+    for (int64_t b = 0; b < B; b++) {
+        float *const *st = R->state + 2 * (b * R->n_layers + li);
+        mamba_recur(L, zx + b * W, xc, y + b * di, st[0], st[1]);
+    }
+    gemm(y, di, B, di, L->w[6], d, h, d, NULL, L->w[7], 1);
+}
+
+/* ---------------------------------------------------------------------------------------------- attention
+ * n: query heads, kv heads, head_dim.  w: [q|k|v]^T (block norm folded), o_proj^T.
+ * A row's K/V are its slot's [kv heads, cap, head_dim]; the new key/value go to its position. */
+static void attend(const Layer *L, const float *restrict qkv, float *restrict kb, float *restrict vb,
+                   int64_t cap, int64_t pos, float *restrict o, float *restrict sc) {
     const int64_t nq = L->n[0], nkv = L->n[1], hd = L->n[2], rep = nq / nkv, T = pos + 1;
-    float *qkv = buf, *o = buf + (nq + 2 * nkv) * hd, *sc = o + nq * hd;
-    gemv(h, d, L->w[0], (nq + 2 * nkv) * hd, qkv, s, NULL, 0);
     for (int64_t g = 0; g < nkv; g++) {
         memcpy(kb + (g * cap + pos) * hd, qkv + (nq + g) * hd, (size_t)hd * sizeof(float));
         memcpy(vb + (g * cap + pos) * hd, qkv + (nq + nkv + g) * hd, (size_t)hd * sizeof(float));
@@ -168,8 +200,26 @@ static void attention_step(const Layer *L, float *restrict h, int64_t d, float s
                 for (int64_t e = 0; e < hd; e++) oj[e] += p * vt[e];
             }
     }
-    gemv(o, nq * hd, L->w[1], d, h, 1.0f, NULL, 1);
 }
+
+static void attention_rows(const Layer *L, int64_t li, const Rows *R, int64_t B, float *h, int64_t d,
+                           const float *s, float *buf) {
+    const int64_t nq = L->n[0], nkv = L->n[1], hd = L->n[2], QW = (nq + 2 * nkv) * hd;
+    float *qkv = buf, *o = qkv + B * QW, *sc = o + B * nq * hd;
+    gemm(h, d, B, d, L->w[0], QW, qkv, QW, s, NULL, 0);
+    for (int64_t b = 0; b < B; b++) {
+        float *const *st = R->state + 2 * (b * R->n_layers + li);
+        attend(L, qkv + b * QW, st[0], st[1], R->cap[li], R->pos[b], o + b * nq * hd, sc);
+    }
+    gemm(o, nq * hd, B, nq * hd, L->w[1], d, h, d, NULL, NULL, 1);
+}
+
+/* ---------------------------------------------------------------------------------------------- LatentMoE
+ * n: experts E, latent L (0: none), expert intermediate I, expert input size, shared intermediate S,
+ *    top_k, n_group, topk_group, norm_topk_prob
+ * f: routed_scaling_factor
+ * w: [router | fc1_latent | shared up]^T (block norm folded), its bias, [fc2_latent ; shared down]^T,
+ *    its bias, up [E, in, I], down [E, I, in], e_score_correction_bias, block norm weight (no latent) */
 
 /* Indices of the k largest of v[0..n) (descending; ties to the lower index), n <= 4096. */
 static void topk(const float *v, int64_t n, int64_t k, int64_t *idx) {
@@ -184,19 +234,12 @@ static void topk(const float *v, int64_t n, int64_t k, int64_t *idx) {
     }
 }
 
-/* n: experts E, latent L (0: none), expert intermediate I, expert input size, shared intermediate S,
- *    top_k, n_group, topk_group, norm_topk_prob
- * f: routed_scaling_factor
- * w: [router | fc1_latent | shared up]^T (block norm folded), its bias, [fc2_latent ; shared down]^T,
- *    its bias, up [E, in, I], down [E, I, in], e_score_correction_bias, block norm weight (no latent) */
-static void moe_step(const Layer *L, float *restrict h, int64_t d, float s, float *restrict buf) {
-    const int64_t E = L->n[0], Lt = L->n[1], I = L->n[2], lin = L->n[3], S = L->n[4], k = L->n[5];
-    const int64_t ng = L->n[6], tg = L->n[7];
-    float *f = buf, *choice = f + E + Lt + S, *a = choice + E, *acc = a + I, *xin = acc + lin;
-    gemv(h, d, L->w[0], E + Lt + S, f, s, L->w[1], 0);
+/* Router for one row: f[0..E) router logits -> sigmoid scores in place; the row's k experts and weights. */
+static void route(const Layer *L, float *restrict f, float *restrict choice, int64_t *idx, float *wt) {
+    const int64_t E = L->n[0], k = L->n[5], ng = L->n[6], tg = L->n[7];
     const float *corr = L->w[6];
     for (int64_t e = 0; e < E; e++) {
-        f[e] = 1.0f / (1.0f + expf(-f[e]));                       /* sigmoid scores, in place */
+        f[e] = 1.0f / (1.0f + expf(-f[e]));
         choice[e] = f[e] + corr[e];
     }
     if (ng > 1) {                                                /* group-limited routing */
@@ -216,81 +259,120 @@ static void moe_step(const Layer *L, float *restrict h, int64_t d, float s, floa
                 for (int64_t e = g * per; e < (g + 1) * per; e++) choice[e] = -INFINITY;
         }
     }
-    int64_t idx[256];
-    float wt[256], tot = 0.0f;
+    float tot = 0.0f;
     topk(choice, E, k, idx);
     for (int64_t j = 0; j < k; j++) tot += (wt[j] = f[idx[j]]);
     for (int64_t j = 0; j < k; j++) wt[j] = (L->n[8] ? wt[j] / (tot + 1e-20f) : wt[j]) * (float)L->f[0];
-    const float *x = f + E;                                      /* the experts' input: the latent ... */
+}
+
+static int moe_rows(const Layer *L, int64_t B, float *h, int64_t d, const float *s, float *buf) {
+    const int64_t E = L->n[0], Lt = L->n[1], I = L->n[2], lin = L->n[3], S = L->n[4], k = L->n[5];
+    const int64_t F = E + Lt + S;
+    float *f = buf, *choice = f + B * F, *acc = choice + E, *xin = acc + B * lin;
+    float *xg = xin + B * d, *ag = xg + B * lin, *yg = ag + B * I, *wg = yg + B * lin, *wt = wg + B;
+    int64_t *ints = malloc((size_t)(2 * B * k + E + 1 + B) * sizeof(int64_t));
+    if (!ints) return -1;
+    int64_t *idx = ints, *order = idx + B * k, *start = order + B * k, *rows = start + E + 1;
+    gemm(h, d, B, d, L->w[0], F, f, F, s, L->w[1], 0);
+    for (int64_t b = 0; b < B; b++) route(L, f + b * F, choice, idx + b * k, wt + b * k);
+    const float *X = f + E;                                      /* the experts' input: the latent ... */
+    int64_t ldx = F;
     if (!Lt) {                                                   /* ... or the normed hidden state */
-        for (int64_t i = 0; i < d; i++) xin[i] = h[i] * L->w[7][i] * s;
-        x = xin;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < d; i++) xin[b * d + i] = h[b * d + i] * L->w[7][i] * s[b];
+        X = xin;
+        ldx = d;
     }
-    memset(acc, 0, (size_t)lin * sizeof(float));
-    for (int64_t j = 0; j < k; j++) {
-        gemv(x, lin, L->w[4] + idx[j] * lin * I, I, a, 1.0f, NULL, 0);
-        for (int64_t i = 0; i < I; i++) a[i] = relu2(a[i]);
-        gemv(a, I, L->w[5] + idx[j] * I * lin, lin, acc, wt[j], NULL, 1);
+    /* (row, expert) pairs grouped by expert (counting sort), each expert run once on its rows */
+    memset(start, 0, (size_t)(E + 1) * sizeof(int64_t));
+    for (int64_t p = 0; p < B * k; p++) start[idx[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int64_t p = 0; p < B * k; p++) order[start[idx[p]]++] = p;
+    for (int64_t e = E; e > 0; e--) start[e] = start[e - 1];    /* the fill advanced start[e] to the end */
+    start[0] = 0;
+    memset(acc, 0, (size_t)(B * lin) * sizeof(float));
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t n = start[e + 1] - start[e];
+        if (!n) continue;
+        for (int64_t r = 0; r < n; r++) {
+            const int64_t p = order[start[e] + r];
+            rows[r] = p / k;
+            wg[r] = wt[p];
+            memcpy(xg + r * lin, X + rows[r] * ldx, (size_t)lin * sizeof(float));
+        }
+        gemm(xg, lin, n, lin, L->w[4] + e * lin * I, I, ag, I, NULL, NULL, 0);
+        for (int64_t i = 0; i < n * I; i++) ag[i] = relu2(ag[i]);
+        gemm(ag, I, n, I, L->w[5] + e * I * lin, lin, yg, lin, wg, NULL, 0);
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t i = 0; i < lin; i++) acc[rows[r] * lin + i] += yg[r * lin + i];
     }
-    float *sh = f + E + Lt;
-    for (int64_t i = 0; i < S; i++) sh[i] = relu2(sh[i]);
-    if (Lt) {                       /* [expert mix | shared hidden] @ [fc2_latent ; shared down] in one pass */
-        memcpy(f + E, acc, (size_t)Lt * sizeof(float));
-        gemv(f + E, Lt + S, L->w[2], d, h, 1.0f, L->w[3], 1);
-    } else {
-        for (int64_t i = 0; i < d; i++) h[i] += acc[i];
-        gemv(sh, S, L->w[2], d, h, 1.0f, L->w[3], 1);
+    free(ints);
+    for (int64_t b = 0; b < B; b++) {
+        float *sh = f + b * F + E + Lt;
+        for (int64_t i = 0; i < S; i++) sh[i] = relu2(sh[i]);
+        if (Lt) memcpy(f + b * F + E, acc + b * lin, (size_t)Lt * sizeof(float));
+        else
+            for (int64_t i = 0; i < d; i++) h[b * d + i] += acc[b * lin + i];
     }
+    /* [expert mix | shared hidden] @ [fc2_latent ; shared down] (no latent: shared hidden @ shared down) */
+    gemm(f + E, F, B, Lt + S, L->w[2], d, h, d, NULL, L->w[3], 1);
+    return 0;
 }
 
-/* n: intermediate I.  w: up^T (block norm folded), up bias, down^T, down bias. */
-static void mlp_step(const Layer *L, float *restrict h, int64_t d, float s, float *restrict buf) {
+/* ---------------------------------------------------------------------------------------------- MLP
+ * n: intermediate I.  w: up^T (block norm folded), up bias, down^T, down bias. */
+static void mlp_rows(const Layer *L, int64_t B, float *h, int64_t d, const float *s, float *buf) {
     const int64_t I = L->n[0];
-    gemv(h, d, L->w[0], I, buf, s, L->w[1], 0);
-    for (int64_t i = 0; i < I; i++) buf[i] = relu2(buf[i]);
-    gemv(buf, I, L->w[2], d, h, 1.0f, L->w[3], 1);
+    gemm(h, d, B, d, L->w[0], I, buf, I, s, L->w[1], 0);
+    for (int64_t i = 0; i < B * I; i++) buf[i] = relu2(buf[i]);
+    gemm(buf, I, B, I, L->w[2], d, h, d, NULL, L->w[3], 1);
 }
 
-static int64_t scratch_floats(const Layer *L, int64_t d, int64_t T) {
+static int64_t scratch_floats(const Layer *L, int64_t d, int64_t B, int64_t T) {
     const int64_t *n = L->n;
     switch (L->kind) {
-    case MAMBA: return (n[0] + n[1] + n[2]) + n[1] + n[0];
-    case ATTENTION: return (n[0] + 2 * n[1]) * n[2] + n[0] * n[2] + (n[0] / n[1]) * T;
-    case MOE: return (n[0] + n[1] + n[4]) + n[0] + n[2] + n[3] + d;
-    default: return n[0];
+    case MAMBA: return B * ((n[0] + n[1] + n[2]) + n[0]) + n[1];
+    case ATTENTION: return B * ((n[0] + 2 * n[1]) * n[2] + n[0] * n[2]) + (n[0] / n[1]) * T;
+    case MOE: return B * (n[0] + n[1] + n[4]) + n[0] + B * (3 * n[3] + d + n[2] + 1 + n[5]);
+    default: return B * n[0];
     }
 }
 
-/* The backbone on one token. x: the token's embedding [d] (read only); eps[i]: layer i's pre-norm eps;
- * state[2i], state[2i+1]: layer i's (conv, ssm) or (K, V) for the slot, cap[i] its K/V capacity; pos: the
- * slot's length before this token. out [d] = norm_f(h) (norm_f's weight and eps given). Returns 0, or -1
- * when scratch memory cannot be allocated or a layer is malformed (nothing is written then). */
-int n3_decode_step(const Layer *layers, int64_t n_layers, int64_t d, const float *x, const double *eps,
-                   float **state, const int64_t *cap, int64_t pos, const float *norm_f, double eps_f,
-                   float *out) {
-    int64_t need = 0;
+/* The backbone on one new token for each of B rows. x[b]: row b's token embedding [d] (read only);
+ * eps[i]: layer i's pre-norm eps; state / cap / pos: see Rows; out [B, d] = norm_f(h) (norm_f's weight
+ * and eps given). Returns 0, or -1 when scratch memory cannot be allocated or a layer exceeds the routing
+ * buffers (nothing is written then, unless the allocation fails mid-way in a MoE layer). */
+int n3_decode_rows(const Layer *layers, int64_t n_layers, int64_t d, int64_t B, const float *const *x,
+                   const double *eps, float *const *state, const int64_t *cap, const int64_t *pos,
+                   const float *norm_f, double eps_f, float *out) {
+    int64_t need = 0, T = 0;
+    for (int64_t b = 0; b < B; b++) T = pos[b] + 1 > T ? pos[b] + 1 : T;
     for (int64_t i = 0; i < n_layers; i++) {
         const Layer *L = &layers[i];
-        if (L->kind == MOE && (L->n[0] > 4096 || L->n[5] > 256)) return -1;
-        int64_t m = scratch_floats(L, d, pos + 1);
+        if (L->kind == MOE && (L->n[0] > 4096 || L->n[5] > L->n[0])) return -1;
+        int64_t m = scratch_floats(L, d, B, T);
         need = m > need ? m : need;
     }
-    float *buf = malloc((size_t)(need + d) * sizeof(float));
+    float *buf = malloc((size_t)(need + B * d + B) * sizeof(float));
     if (!buf) return -1;
-    float *h = buf + need;
-    memcpy(h, x, (size_t)d * sizeof(float));
-    for (int64_t i = 0; i < n_layers; i++) {
+    float *h = buf + need, *s = h + B * d;
+    const Rows R = {n_layers, state, cap, pos};
+    for (int64_t b = 0; b < B; b++) memcpy(h + b * d, x[b], (size_t)d * sizeof(float));
+    int rc = 0;
+    for (int64_t i = 0; i < n_layers && !rc; i++) {
         const Layer *L = &layers[i];
-        const float s = 1.0f / sqrtf(sumsq(h, d) / (float)d + (float)eps[i]);
+        for (int64_t b = 0; b < B; b++) s[b] = 1.0f / sqrtf(sumsq(h + b * d, d) / (float)d + (float)eps[i]);
         switch (L->kind) {
-        case MAMBA: mamba_step(L, h, d, s, state[2 * i], state[2 * i + 1], buf); break;
-        case ATTENTION: attention_step(L, h, d, s, state[2 * i], state[2 * i + 1], cap[i], pos, buf); break;
-        case MOE: moe_step(L, h, d, s, buf); break;
-        default: mlp_step(L, h, d, s, buf);
+        case MAMBA: mamba_rows(L, i, &R, B, h, d, s, buf); break;
+        case ATTENTION: attention_rows(L, i, &R, B, h, d, s, buf); break;
+        case MOE: rc = moe_rows(L, B, h, d, s, buf); break;
+        default: mlp_rows(L, B, h, d, s, buf);
         }
     }
-    const float s = 1.0f / sqrtf(sumsq(h, d) / (float)d + (float)eps_f);
-    for (int64_t i = 0; i < d; i++) out[i] = h[i] * norm_f[i] * s;
+    for (int64_t b = 0; b < B && !rc; b++) {
+        const float sb = 1.0f / sqrtf(sumsq(h + b * d, d) / (float)d + (float)eps_f);
+        for (int64_t i = 0; i < d; i++) out[b * d + i] = h[b * d + i] * norm_f[i] * sb;
+    }
     free(buf);
-    return 0;
+    return rc;
 }
