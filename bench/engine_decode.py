@@ -1,17 +1,19 @@
 """Engine decode benchmarks; every ratio is measured in this run, on this machine.
 
-    python bench/engine_decode.py [--threads 1] [--tokens 64] [--sections batch1,concurrent,context,mtp]
+    python bench/engine_decode.py [--threads 1] [--tokens 64] [--sections batch1,rows,concurrent,context,mtp]
 
 1. batch1      decode tokens/s at batch 1: our engine (greedy; its batch-1 decode plan in the C kernel and
                in torch ops, and the generic batched forward with fast_decode=False) vs transformers `generate` (greedy), same
                fp32 weights (tests/helpers.py `hf_model_from`, SDPA attention). Decode-only time: a run of
                N new tokens minus a run of 1 (prefill + first token), median of interleaved repeats. Also at
                the tiny-test size (recipes/tiny-test.json), where per-token framework overhead dominates.
-2. concurrent  aggregate tokens/s with 16 and 64 concurrent requests through the engine vs the same
+2. rows        ms per decode step with 1..64 running sequences: the decode plan's C kernel (all rows in
+               one call) vs the generic batched forward (fast_decode=False).
+3. concurrent  aggregate tokens/s with 16 and 64 concurrent requests through the engine vs the same
                requests one by one in transformers (64: transformers time = 4 x its measured 16).
-3. context     decode ms/token with 1K and 8K tokens of context: the hybrid (pattern MEM*EMEM*EME) vs the
+4. context     decode ms/token with 1K and 8K tokens of context: the hybrid (pattern MEM*EMEM*EME) vs the
                same model with every Mamba layer replaced by attention (*E**E*E**E*E), both in our engine.
-4. mtp         MTP self-speculative decoding, k = 0..4: tokens/s (median of interleaved rounds), acceptance
+5. mtp         MTP self-speculative decoding, k = 0..4: tokens/s (median of interleaved rounds), acceptance
                rate, mean accepted length; checks the greedy outputs are identical for every k.
                Uses models/pico if it exists, else the newest runs/pico checkpoint (named with its step),
                else random weights (acceptance then ~0 and only the overhead is measured).
@@ -102,6 +104,27 @@ def section_batch1(model, hf, args, out, key="batch1", label="pico architecture"
     print(f"  transformers         {h * 1e3:8.2f} ms/token  {1 / h:7.1f} tok/s   (same greedy tokens: {same})")
     print(f"  speedup (transformers time / ours): {h / o:.2f}x  (plan in torch ops: {h / t:.2f}x, "
           f"generic path: {h / g:.2f}x)")
+
+
+def section_rows(model, args, out):
+    """ms per engine decode step with B running sequences: the decode plan's C kernel (all rows in one call)
+    vs the generic batched forward (fast_decode=False); 32 steps after 64-token prompts, interleaved."""
+    res = {}
+    print("[rows] decode step time by number of running sequences (32 steps after 64-token prompts)")
+    for B in args.rows:
+        ps = prompts(B, 64, model.config.vocab_size, seed=B)
+        llms = {"plan": LLM(model, max_num_seqs=B, enable_prefix_caching=False),
+                "generic": LLM(model, max_num_seqs=B, enable_prefix_caching=False, fast_decode=False)}
+        times = {k: [] for k in llms}
+        for _ in range(args.repeats):
+            for k, llm in llms.items():
+                times[k].append((median_of(lambda: llm.generate(ps, greedy(33)), 1)
+                                 - median_of(lambda: llm.generate(ps, greedy(1)), 1)) / 32)
+        p, g = (statistics.median(times[k]) for k in llms)
+        res[B] = dict(plan_ms=p * 1e3, generic_ms=g * 1e3, ratio=g / p)
+        print(f"  {B:3d} sequences: plan {p * 1e3:7.2f} ms/step ({p / B * 1e3:5.2f} ms/token)  "
+              f"generic {g * 1e3:7.2f} ms/step  ({g / p:.2f}x)")
+    out["rows"] = res
 
 
 def section_concurrent(model, hf, args, out):
@@ -243,7 +266,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
-    ap.add_argument("--sections", default="batch1,concurrent,context,mtp")
+    ap.add_argument("--sections", default="batch1,rows,concurrent,context,mtp")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--mtp-model", default=None)
     ap.add_argument("--json", default=None, help="write the numbers here")
     args = ap.parse_args()
@@ -270,6 +294,8 @@ def main():
                            f"{small.num_parameters() / 1e6:.2f}M params (per-token overhead dominates)")
         if "concurrent" in sections:
             section_concurrent(model, hf, args, out)
+    if "rows" in sections:
+        section_rows(random_model(), args, out)
     if "context" in sections:
         section_context(args, out)
     if "mtp" in sections:
