@@ -201,6 +201,17 @@ def test_fallbacks(monkeypatch):
     assert not supported(model)
     monkeypatch.undo()
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    a = LLM(model, max_num_seqs=1, fast_decode=False).generate([[4, 5, 6]], greedy)[0].outputs[0].token_ids
-    b = LLM(model, max_num_seqs=1).generate([[4, 5, 6]], greedy)[0].outputs[0].token_ids
+    prompts = [[4, 5, 6], [7, 8, 9, 10]]
+    a = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=2, fast_decode=False).generate(prompts, greedy)]
+    b = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=2).generate(prompts, greedy)]
     assert a == b
+    # NEMOTRON3_NATIVE=0: the engine's plan runs in torch ops (batch 1; two sequences take the batched forward)
+    monkeypatch.setenv("NEMOTRON3_NATIVE", "0")
+    decode.native_library.cache_clear()
+    try:
+        llm = LLM(model, max_num_seqs=2)
+        c = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+        assert llm.generate(prompts[:1], greedy)[0].outputs[0].token_ids == a[0] and c == a
+        assert llm.engine._plan is not None and llm.engine._plan.native is None
+    finally:
+        decode.native_library.cache_clear()
