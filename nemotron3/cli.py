@@ -119,10 +119,12 @@ def cmd_serve(args) -> None:
     from .server import create_app
     model = args.model or default_model()
     names = args.served_model_name or [args.model or Path(model).name]
-    app = create_app(LLM(model, **_engine_kwargs(args)), served_model_name=names, api_key=args.api_key,
+    llm = LLM(model, **_engine_kwargs(args))
+    app = create_app(llm, served_model_name=names, api_key=args.api_key,
                      max_pending=args.max_pending, max_body_bytes=args.max_request_bytes)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API under /v1)", flush=True)
+    print(f"serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API under /v1); "
+          f"decode: {llm.engine.decode_path()}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -205,6 +205,9 @@ def test_fallbacks(monkeypatch):
     a = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=2, fast_decode=False).generate(prompts, greedy)]
     b = [o.outputs[0].token_ids for o in LLM(model, max_num_seqs=2).generate(prompts, greedy)]
     assert a == b
+    assert LLM(model, fast_decode=False).engine.decode_path() == "the batched forward"
+    if HAVE_CC:
+        assert "C kernel" in LLM(model).engine.decode_path()
     # NEMOTRON3_NATIVE=0: the engine's plan runs in torch ops (batch 1; two sequences take the batched forward)
     monkeypatch.setenv("NEMOTRON3_NATIVE", "0")
     decode.native_library.cache_clear()
@@ -213,5 +216,6 @@ def test_fallbacks(monkeypatch):
         c = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
         assert llm.generate(prompts[:1], greedy)[0].outputs[0].token_ids == a[0] and c == a
         assert llm.engine._plan is not None and llm.engine._plan.native is None
+        assert "torch ops" in llm.engine.decode_path()
     finally:
         decode.native_library.cache_clear()

@@ -36,7 +36,7 @@ from typing import AsyncIterator, Sequence as Seq
 import torch
 
 from ..model import HybridCache, NemotronHForCausalLM
-from ..model.decode import DecodePlan, rows_matmul, supported as decode_supported
+from ..model.decode import DecodePlan, native_library, rows_matmul, supported as decode_supported
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecAcceptance
 from .prefix_cache import PrefixCache
 from .reasoning import MEDIUM_THINKING_BUDGET, ReasoningTokens, ThinkingBudget, effective_budget
@@ -484,6 +484,16 @@ class LLMEngine:
             return [None] * len(seqs)
         dec = None if self.tokenizer is None else (lambda ids: _decode(self.tokenizer, ids, False))
         return logprobs_for(logits, toks, want, dec)
+
+    def decode_path(self) -> str:
+        """What plain decode steps run through, in words (the server prints it at startup)."""
+        if self.k:
+            return f"speculative (k = {self.k}), the batched forward"
+        if not (self.fast_decode and decode_supported(self.model)):
+            return "the batched forward"
+        if native_library() is None:
+            return "the decode plan in torch ops at batch 1 (no C kernel), the batched forward above"
+        return f"the decode plan's C kernel up to {PLAN_MAX_ROWS} sequences, the batched forward above"
 
     def _decode_plan(self) -> DecodePlan | None:
         """The batch-1 decode plan, or None when the model is not one it covers (checked, with the
