@@ -234,6 +234,21 @@ def test_completions(client, server):
     assert echo.choices[0].text == "def f(x):" + text
 
 
+def test_penalties_and_logit_bias(client, server):
+    """presence / frequency / repetition penalties and logit_bias reach the engine's SamplingParams."""
+    tok = server[2]
+    target = tok.encode(" zebra")[-1]
+    r = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=4, temperature=0,
+                                  logit_bias={str(target): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tok.decode([target] * 4)
+    kw = dict(model="tiny", messages=user("hi"), max_tokens=6, temperature=0, logprobs=True)
+    first = client.chat.completions.create(**kw).choices[0].logprobs.content[0].token
+    ban = tok.encode(first)[-1]
+    other = client.chat.completions.create(**kw, logit_bias={str(ban): -100}, presence_penalty=1.5,
+                                           frequency_penalty=0.5, extra_body={"repetition_penalty": 1.2})
+    assert other.choices[0].logprobs.content[0].token != first
+
+
 def test_error_types(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=user("hi"))

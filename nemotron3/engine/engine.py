@@ -40,7 +40,8 @@ from ..model.decode import DecodePlan, native_library, rows_matmul, supported as
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecAcceptance
 from .prefix_cache import PrefixCache
 from .reasoning import MEDIUM_THINKING_BUDGET, ReasoningTokens, ThinkingBudget, effective_budget
-from .sampling import RowConstraint, SamplingParams, choose, constrain, logprobs_for, probabilities, uniforms
+from .sampling import (Penalties, RowConstraint, SamplingParams, choose, constrain, logprobs_for, probabilities,
+                       uniforms)
 from .scheduler import Scheduler, Sequence, Status
 from .speculative import accept_greedy, accept_sampled, draft
 
@@ -248,6 +249,8 @@ class LLMEngine:
             raise ValueError(f"stop token id out of range [0, {V})")
         if any(t >= V for t in params.answer_prefix_ids or ()):
             raise ValueError(f"answer_prefix_ids: token id out of range [0, {V})")
+        if any(t >= V for t in params.logit_bias or ()):
+            raise ValueError(f"logit_bias: token id out of range [0, {V})")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         now = time.monotonic() if arrival_time is None else arrival_time
         budget = effective_budget(params.reasoning_mode, params.thinking_budget, max_tokens,
@@ -327,7 +330,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ sampling helpers
     def _constraint(self, seq: Sequence, extra: Seq[int] = ()) -> RowConstraint | None:
-        """Forced/banned tokens for the position after `output_ids + extra`."""
+        """Bias/penalties and forced/banned tokens for the position after `output_ids + extra`."""
         forced, banned = None, ()
         if seq.budget is not None:
             st = seq.budget
@@ -345,9 +348,14 @@ class LLMEngine:
             j = self._answer_pos(seq, extra)
             if j is not None and j < len(prefix):
                 forced, banned = prefix[j], ()
-        if forced is None and not banned:
+        pen = None
+        if seq.params.adjusts_logits:
+            if seq.prompt_tokens is None and seq.params.repetition_penalty != 1:
+                seq.prompt_tokens = torch.tensor(seq.prompt_ids, dtype=torch.long).unique()
+            pen = Penalties(seq.params, seq.prompt_tokens, seq.output_ids + list(extra) if extra else seq.output_ids)
+        if forced is None and not banned and pen is None:
             return None
-        return RowConstraint(forced, banned)
+        return RowConstraint(forced, banned, pen)
 
     def _answer_pos(self, seq: Sequence, extra: Seq[int] = ()) -> int | None:
         """Position within the answer of the token after `output_ids + extra` (None: still thinking)."""

@@ -9,8 +9,10 @@ Design decisions:
 * **Inverse-CDF sampling** with one uniform per token: `token = searchsorted(cumsum(p), u)`. It consumes a
   fixed amount of randomness per token (unlike Gumbel or exponential races, which draw a vocabulary's
   worth) and a tiny change in `p` only changes the token when `u` falls within that change of a CDF step.
-* Processing order (vLLM's): forced/banned tokens (reasoning budget, `min_tokens`), temperature, top-k,
-  top-p, min-p, softmax. Temperature 0 is greedy (argmax of the constrained logits).
+* Processing order (vLLM's): `logit_bias`, penalties (repetition over prompt + output, then frequency and
+  presence over the output), forced/banned tokens (reasoning budget, `min_tokens`), temperature, top-k,
+  top-p, min-p, softmax. Temperature 0 is greedy (argmax of the processed logits). Penalties see the
+  output as it would be at that position, drafts included, so speculative decoding stays exact.
 * **Logprobs are the raw model's** (`log_softmax` of the unprocessed logits, vLLM's default
   `raw_logprobs`), for the sampled token and the top-n, with the sampled token's rank.
 """
@@ -38,6 +40,10 @@ class SamplingParams:
     min_tokens: int = 0
     stop: str | int | Sequence[str | int] | None = None   # strings and/or token ids
     stop_token_ids: Sequence[int] | None = None
+    presence_penalty: float = 0.0       # minus this from every token already in the output
+    frequency_penalty: float = 0.0      # minus this times the token's count in the output
+    repetition_penalty: float = 1.0     # tokens in prompt or output: logit / this if > 0, else logit * this
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit (clamped to [-100, 100])
     ignore_eos: bool = False
     logprobs: int | None = None         # None: off; k >= 0: the sampled token's logprob + top-k
     skip_special_tokens: bool = True
@@ -56,6 +62,24 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 bad(name, "must be a finite number")
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be > 0 (1 = off)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "must be a dict of token id -> bias")
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    bad("logit_bias", "keys must be token ids >= 0")
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+                    bad("logit_bias", "values must be finite numbers")
+            self.logit_bias = {t: min(100.0, max(-100.0, float(b))) for t, b in self.logit_bias.items()} or None
         if self.temperature < 0:
             bad("temperature", "must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
@@ -119,6 +143,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _EPS
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether logit_bias or a penalty is set (their logit changes depend on the sequence so far)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 \
+            or self.repetition_penalty != 1
+
 
 @dataclass
 class Logprob:
@@ -128,20 +158,50 @@ class Logprob:
 
 
 @dataclass
+class Penalties:
+    """What a row's logit_bias and penalties need: its params, the distinct prompt tokens (a tensor the
+    engine keeps per sequence; None without a repetition penalty) and the output so far."""
+    params: SamplingParams
+    prompt_tokens: torch.Tensor | None
+    output_ids: Sequence[int]
+
+    def apply(self, row: torch.Tensor) -> None:
+        """Adjust one row of logits [V] in place (vLLM's order: bias, repetition, frequency, presence)."""
+        p, V = self.params, row.shape[0]
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < V]
+            row[ids] += torch.tensor([p.logit_bias[t] for t in ids], dtype=row.dtype)
+        out = torch.tensor(list(self.output_ids), dtype=torch.long)
+        if p.repetition_penalty != 1:
+            parts = [out] + ([self.prompt_tokens] if self.prompt_tokens is not None else [])
+            seen = torch.cat(parts).unique()
+            v = row[seen]
+            row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and out.numel():
+            counts = torch.bincount(out, minlength=V)[:V].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+@dataclass
 class RowConstraint:
-    """Per-row token constraints applied before temperature: one forced token, or banned tokens."""
+    """Per-row logit processing before temperature: bias and penalties, then one forced token or banned
+    tokens."""
     forced: int | None = None
     banned: tuple[int, ...] = ()
+    penalties: Penalties | None = None
 
 
 def constrain(logits: torch.Tensor, rows: Sequence[RowConstraint | None]) -> torch.Tensor:
-    """Apply forced/banned tokens to logits [N, V] (a copy is made only if some row is constrained)."""
-    if not any(r is not None and (r.forced is not None or r.banned) for r in rows):
+    """Apply each row's bias/penalties and forced/banned tokens to logits [N, V] (a copy is made only if
+    some row is constrained)."""
+    if not any(r is not None and (r.forced is not None or r.banned or r.penalties is not None) for r in rows):
         return logits
     logits = logits.clone()
     for i, r in enumerate(rows):
         if r is None:
             continue
+        if r.penalties is not None:
+            r.penalties.apply(logits[i])
         if r.forced is not None:
             keep = logits[i, r.forced].clone()
             logits[i] = -math.inf

@@ -51,6 +51,7 @@ class Sequence:
     num_computed: int = 0                        # tokens fed through the backbone (= cache length of the slot)
     num_cached: int = 0                          # prompt tokens restored from the prefix cache
     last_hidden: torch.Tensor | None = None      # backbone output at position num_computed - 1
+    prompt_tokens: torch.Tensor | None = None    # distinct prompt token ids (repetition penalty), built once
     drafts: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None      # [k, V] draft distributions (sampling only)
     logprobs: list[dict[int, Logprob]] | None = None

@@ -164,16 +164,23 @@ class Server:
         return stop
 
     def check_unsupported(self, req) -> None:
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not supported by this server (use 0 or leave it out)", param=name)
-        if req.repetition_penalty not in (None, 1, 1.0):
-            raise APIError(400, "repetition_penalty is not supported by this server", param="repetition_penalty")
         for t in req.stop_token_ids or []:
             if not 0 <= t < self.vocab_size:
                 raise APIError(400, f"stop token id {t} out of range [0, {self.vocab_size})", param="stop_token_ids")
+
+    def penalties(self, req) -> dict:
+        """presence / frequency / repetition penalties and logit_bias (OpenAI: token-id strings as keys)."""
+        bias = None
+        if req.logit_bias:
+            bias = {}
+            for key, v in req.logit_bias.items():
+                if not key.isdigit() or not int(key) < self.vocab_size:
+                    raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {self.vocab_size})",
+                                   param="logit_bias")
+                bias[int(key)] = v
+        return dict(presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                    repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                    logit_bias=bias)
 
     def params(self, **kw) -> SamplingParams:
         try:
@@ -406,7 +413,7 @@ class Server:
             stop=self.check_stop(req.stop), stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None, skip_special_tokens=False,
             include_stop_str_in_output=req.include_stop_str_in_output, reasoning_mode=mode,
-            thinking_budget=budget, answer_prefix_ids=prefix)
+            thinking_budget=budget, answer_prefix_ids=prefix, **self.penalties(req))
         thinking = text.rfind("<think>") > text.rfind("</think>")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return ChatPlan(ids, params, thinking, tools, parse_tools, req.parallel_tool_calls, include_usage,
@@ -542,7 +549,7 @@ class Server:
                 seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop,
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=req.logprobs,
                 skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output)))
+                include_stop_str_in_output=req.include_stop_str_in_output, **self.penalties(req))))
         if sum(p.n for _, p in plans) > self.max_pending:
             raise APIError(400, "too many sequences in one request", param="prompt")
         return plans

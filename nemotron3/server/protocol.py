@@ -11,8 +11,8 @@ Design decisions:
   is null is reported as missing.
 * **Unknown fields are ignored** (vLLM's behaviour): clients send newer parameters (`store`, `metadata`,
   `service_tier`, ...) that do not change generation here. Fields that would change it and are not
-  supported (`logit_bias`, non-zero penalties, structured `response_format`, `suffix`, images) are
-  declared so they can be refused with a 400 instead of being dropped.
+  supported (structured `response_format`, `suffix`, images) are declared so they can be refused with a
+  400 instead of being dropped.
 * Only shapes and ranges are checked here; checks that need the model (context length, tool names,
   tokenizer) live in `app.py`. Everything a client gets wrong becomes a 4xx with the API's own error body
   (`openai_error` / `anthropic_error`).
@@ -155,7 +155,7 @@ class _SamplingFields(_Model):
     stream_options: Optional[StreamOptions] = None
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    repetition_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = Field(None, gt=0)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
 
