@@ -14,14 +14,15 @@ attention  the same config with every Mamba layer replaced by attention (*E**E*E
 Each (model, length) runs in a fresh subprocess (so peak RSS, VmHWM, is that point's alone) at
 --threads intra-op threads: an `LLMEngine` with one slot, max_model_len = length + decode tokens, prefix
 caching off, prefill in --chunk-token chunks; the prompt is `length` random token ids. prefill = time
-from submitting the request to its first token (chunked prefill + one lm_head row); decode = mean time
-of the following --decode-tokens steps. RSS columns: peak resident MiB of the whole process, and the
+from submitting the request to its first token (chunked prefill + one lm_head row); decode = median time
+of the following --decode-tokens steps (the first of them also builds the engine's decode plan). RSS columns: peak resident MiB of the whole process, and the
 growth over the process's resident size after loading the model (the context's own memory: K/V of the
 attention layers, prefill activations of one chunk). The MTP block is not run (no speculation).
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -71,7 +72,8 @@ def worker(args) -> None:
             elif t_first is not None:
                 steps.append(now)
     prefill = t_first - t0
-    decode = (steps[-1] - t_first) / len(steps) if steps else float("nan")
+    times = [b - a for a, b in zip([t_first] + steps, steps)]
+    decode = statistics.median(times) if times else float("nan")   # the first step also builds the decode plan
     print(json.dumps({"kind": args.worker_kind, "length": n, "prefill_s": prefill, "prefill_tok_s": n / prefill,
                       "decode_ms": decode * 1e3, "peak_rss_mib": _rss_kib("VmHWM") / 1024,
                       "base_rss_mib": base / 1024, "kv_mib": eng.cache.nbytes()["kv"] / 2**20,

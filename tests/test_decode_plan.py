@@ -103,6 +103,19 @@ def test_plan_on_quantized_model_equals_its_full_forward(recipe, backend):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_grows_only_the_backbone_kv(backend):
+    """Decode grows the backbone's K/V buffers; the MTP block's stay at their size (nothing drafts)."""
+    model = tiny_model(2)
+    plan = DecodePlan(model, native=backend == "native")
+    cache = HybridCache(model.config, 1, max_len=4)
+    for t in range(10):
+        plan.step(5 + t, cache, 0)
+    n = model.config.num_hidden_layers
+    assert all(cache.k[i].shape[2] >= 10 for i in cache.k if i < n)
+    assert [cache.k[i].shape[2] for i in cache.k if i >= n] == [4]
+
+
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
 def test_native_step_checks_input_and_router_bias():
     model = tiny_model(5)

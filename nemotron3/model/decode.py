@@ -335,10 +335,16 @@ class DecodePlan:
                 return out
         return torch.cat([self._step_torch(t, cache, s) for t, s in zip(tokens, slots)])
 
+    def _grow_kv(self, cache, needed: int) -> None:
+        """K/V room for `needed` positions in the backbone's attention layers only (the MTP block's buffers
+        stay small: growing them to a 128K context would copy and hold 2 x 64 MiB for nothing)."""
+        for kind, i, _ in self.layers:
+            if kind == "*":
+                cache.ensure_capacity(needed, layer=i)
+
     def _step_torch(self, token: int, cache, slot: int) -> torch.Tensor:
         pos = int(cache.lengths[slot])
-        if cache.k:
-            cache.ensure_capacity(pos + 1)
+        self._grow_kv(cache, pos + 1)
         h = self.emb[token:token + 1].float()
         for kind, i, p in self.layers:
             s = self._scale(h)
@@ -482,8 +488,7 @@ class DecodePlan:
         """The C kernel on B rows; None (nothing done) when the cache is not laid out as the layers were
         described: the kernel indexes raw memory, so anything else runs the torch ops."""
         pos = [int(cache.lengths[s]) for s in slots]
-        if cache.k:
-            cache.ensure_capacity(max(pos) + 1)
+        self._grow_kv(cache, max(pos) + 1)
         c, B, nl, d = self._c, len(slots), len(self.layers), self.d
         state, cap = (ctypes.c_void_p * (2 * B * nl))(), c["cap"]
         for j, (kind, i, _) in enumerate(self.layers):
