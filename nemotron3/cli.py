@@ -101,7 +101,8 @@ def cmd_generate(args) -> None:
     stop = {tok.eos_id} | {i for i in (tok.token_to_id("<|im_end|>"),) if i is not None}
     for piece in greedy_generate(model, ids, args.max_tokens, stop_ids=stop, decode=tok.decode,
                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                 num_speculative_tokens=args.num_speculative_tokens):
+                                 num_speculative_tokens=args.num_speculative_tokens,
+                                 repetition_penalty=args.repetition_penalty):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -274,6 +275,8 @@ def main(argv=None) -> None:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output (vLLM's; 1 = off)")
     s.add_argument("--num-speculative-tokens", type=int, default=0,
                    help="MTP self-speculative decoding with k draft tokens (needs a model with an MTP block; "
                         "on a CPU plain decode is faster, see bench/RESULTS.md)")

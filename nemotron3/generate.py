@@ -1,7 +1,7 @@
 """Single-prompt generation for the CLI, on top of the engine (`nemotron3.engine`).
 
 `generate_ids` streams token ids for one prompt through an `LLMEngine` with one slot (greedy by
-default; temperature / seed / MTP speculation optional); `greedy_generate` keeps the original CLI
+default; temperature / seed / repetition penalty / MTP speculation optional); `greedy_generate` keeps the original CLI
 signature and yields decoded text pieces as they become complete characters.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .model import NemotronHForCausalLM
 
 def generate_ids(model: NemotronHForCausalLM, prompt: list[int], max_tokens: int, stop_ids: Iterable[int] = (),
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 num_speculative_tokens: int = 0) -> Iterator[int]:
+                 num_speculative_tokens: int = 0, repetition_penalty: float = 1.0) -> Iterator[int]:
     """Yield generated token ids after `prompt` until a stop id (not yielded) or `max_tokens`."""
     if max_tokens <= 0:
         return
@@ -23,7 +23,7 @@ def generate_ids(model: NemotronHForCausalLM, prompt: list[int], max_tokens: int
                                                                       model.config.max_position_embeddings),
                        num_speculative_tokens=num_speculative_tokens, enable_prefix_caching=False)
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
-                            stop_token_ids=sorted(stop), ignore_eos=True)
+                            stop_token_ids=sorted(stop), ignore_eos=True, repetition_penalty=repetition_penalty)
     engine.add_request("generate", list(prompt), params)
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -41,7 +41,7 @@ def greedy_ids(model, prompt: list[int], max_tokens: int, stop_ids: Iterable[int
 def greedy_generate(model, prompt: list[int], max_tokens: int, stop_ids: Iterable[int] = (),
                     decode: Callable[[list[int]], str] | None = None, **sampling) -> Iterator[str]:
     """Yield decoded text pieces as they become complete characters (holds back partial UTF-8).
-    `sampling`: temperature, top_p, seed, num_speculative_tokens (see `generate_ids`)."""
+    `sampling`: temperature, top_p, seed, num_speculative_tokens, repetition_penalty (see `generate_ids`)."""
     out, shown = [], ""
     for t in generate_ids(model, prompt, max_tokens, stop_ids, **sampling):
         out.append(t)
