@@ -58,11 +58,7 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
             bad("n", "must be an integer >= 1")
-        for name in ("temperature", "top_p", "min_p"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                bad(name, "must be a finite number")
-        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 bad(name, "must be a finite number")
@@ -171,6 +167,8 @@ class Penalties:
         if p.logit_bias:
             ids = [t for t in p.logit_bias if t < V]
             row[ids] += torch.tensor([p.logit_bias[t] for t in ids], dtype=row.dtype)
+        if p.repetition_penalty == 1 and not (p.frequency_penalty or p.presence_penalty):
+            return
         out = torch.tensor(list(self.output_ids), dtype=torch.long)
         if p.repetition_penalty != 1:
             parts = [out] + ([self.prompt_tokens] if self.prompt_tokens is not None else [])

@@ -436,7 +436,8 @@ class DecodePlan:
     def _build_native(self, fn) -> None:
         """Describe every layer to decode_step.c (`Layer`: sizes, constants, pointers to this plan's
         tensors, which stay alive with the plan). Layers it cannot take leave `native` None."""
-        layers = (_Layer * len(self.layers))()
+        nl = len(self.layers)
+        layers, shapes = (_Layer * nl)(), []           # shapes: the cache layout each layer's kernel expects
         self._router_bias = []
         for L, (kind, _, p) in zip(layers, self.layers):
             n, f, w = self._native_layer(kind, p)
@@ -445,15 +446,12 @@ class DecodePlan:
             L.kind = "M*E-".index(kind)
             L.n[:len(n)], L.f[:len(f)] = n, f
             L.w[:len(w)] = [None if t is None else t.data_ptr() for t in w]
-        nl = len(self.layers)
-        shapes = []
-        for kind, _, p in self.layers:                  # the cache layout each layer's kernel expects
             if kind == "M":
                 shapes.append(((p["sizes"][1], p["K"] - 1), (p["H"], p["P"], p["N"])))
             else:
                 shapes.append((p[3], p[4]) if kind == "*" else None)
         self._c = dict(layers=layers, eps=(ctypes.c_double * nl)(*[b.norm.eps for b in self.model.backbone.layers]),
-                       state=(ctypes.c_void_p * (2 * nl))(), cap=(ctypes.c_int64 * nl)(), shapes=shapes)
+                       cap=(ctypes.c_int64 * nl)(), shapes=shapes)
         self._emb = self.emb.float().contiguous()
         self._norm_f = self.norm_f.contiguous()
         self._eps_f = self.model.backbone.norm_f.eps
