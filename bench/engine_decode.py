@@ -1,6 +1,6 @@
 """Engine decode benchmarks; every ratio is measured in this run, on this machine.
 
-    python bench/engine_decode.py [--threads 1] [--tokens 64] [--sections batch1,rows,concurrent,context,mtp]
+    python bench/engine_decode.py [--threads 1] [--tokens 64] [--sections batch1,rows,nvfp4,concurrent,context,mtp]
 
 1. batch1      decode tokens/s at batch 1: our engine (greedy; its batch-1 decode plan in the C kernel and
                in torch ops, and the generic batched forward with fast_decode=False) vs transformers `generate` (greedy), same
@@ -9,6 +9,8 @@
                the tiny-test size (recipes/tiny-test.json), where per-token framework overhead dominates.
 2. rows        ms per decode step with 1..64 running sequences: the decode plan's C kernel (all rows in
                one call) vs the generic batched forward (fast_decode=False).
+   nvfp4       models/pico-nvfp4 at batch 1: the decode plan (codes dequantized once) vs the packed
+               generic forward (dequantizing per call).
 3. concurrent  aggregate tokens/s with 16 and 64 concurrent requests through the engine vs the same
                requests one by one in transformers (64: transformers time = 4 x its measured 16).
 4. context     decode ms/token with 1K and 8K tokens of context: the hybrid (pattern MEM*EMEM*EME) vs the
@@ -125,6 +127,30 @@ def section_rows(model, args, out):
         print(f"  {B:3d} sequences: plan {p * 1e3:7.2f} ms/step ({p / B * 1e3:5.2f} ms/token)  "
               f"generic {g * 1e3:7.2f} ms/step  ({g / p:.2f}x)")
     out["rows"] = res
+
+
+def section_nvfp4(args, out):
+    """models/pico-nvfp4 (mixed recipe) at batch 1: the decode plan (codes dequantized once into its fp32
+    copies) vs the packed generic forward (fast_decode=False, dequantizing per call); same greedy tokens?"""
+    path = ROOT / "models" / "pico-nvfp4"
+    if not (path / "model.safetensors").exists():
+        print("[nvfp4] models/pico-nvfp4 not found: skipped")
+        return
+    model = load(path)
+    p, N = prompts(1, 64, model.config.vocab_size)[0], args.tokens
+    llms = {"plan": LLM(model, max_num_seqs=1, enable_prefix_caching=False),
+            "generic": LLM(model, max_num_seqs=1, enable_prefix_caching=False, fast_decode=False)}
+    toks = [llm.generate([p], greedy(16))[0].outputs[0].token_ids for llm in llms.values()]
+    times = {k: [] for k in llms}
+    for _ in range(args.repeats):
+        for k, llm in llms.items():
+            times[k].append(median_of(lambda: llm.generate([p], greedy(N)), 1)
+                            - median_of(lambda: llm.generate([p], greedy(1)), 1))
+    t, g = (statistics.median(times[k]) / (N - 1) for k in llms)
+    out["nvfp4"] = dict(plan_ms=t * 1e3, generic_ms=g * 1e3, ratio=g / t, same_greedy_tokens=toks[0] == toks[1])
+    print(f"[nvfp4] models/pico-nvfp4, batch 1, {N} greedy tokens after a 64-token prompt")
+    print(f"  decode plan     {t * 1e3:8.2f} ms/token")
+    print(f"  packed forward  {g * 1e3:8.2f} ms/token   ({g / t:.2f}x; same greedy tokens: {toks[0] == toks[1]})")
 
 
 def section_concurrent(model, hf, args, out):
@@ -266,7 +292,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
-    ap.add_argument("--sections", default="batch1,rows,concurrent,context,mtp")
+    ap.add_argument("--sections", default="batch1,rows,nvfp4,concurrent,context,mtp")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--mtp-model", default=None)
     ap.add_argument("--json", default=None, help="write the numbers here")
@@ -296,6 +322,8 @@ def main():
             section_concurrent(model, hf, args, out)
     if "rows" in sections:
         section_rows(random_model(), args, out)
+    if "nvfp4" in sections:
+        section_nvfp4(args, out)
     if "context" in sections:
         section_context(args, out)
     if "mtp" in sections:
