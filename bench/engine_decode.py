@@ -236,7 +236,7 @@ def mtp_model(args):
 
 def mtp_prompts(vocab, model_dir=None):
     """Text prompts in the model's own tokenizer (its directory's, else the pipeline's runs/tokenizer)."""
-    from nemotron3.train.tokenizer import load_tokenizer
+    from nemotron3.tokenizer import load_tokenizer
     for tok_dir in ([Path(model_dir)] if model_dir else []) + [ROOT / "runs" / "tokenizer"]:
         if (tok_dir / "tokenizer.json").exists():
             tok = load_tokenizer(tok_dir)

@@ -29,7 +29,7 @@ from nemotron3.eval.lm import evaluate_lm  # noqa: E402
 from nemotron3.quant.quantize import calibration_batches, quant_state_names, quantize_model  # noqa: E402
 from nemotron3.train.corpus import iter_documents  # noqa: E402
 from nemotron3.train.data import PackedDataset  # noqa: E402
-from nemotron3.train.tokenizer import load_tokenizer  # noqa: E402
+from nemotron3.tokenizer import load_tokenizer  # noqa: E402
 
 
 def held_bytes(model) -> int:

@@ -66,7 +66,7 @@ def cmd_quantize(args) -> None:
     batches = None
     if args.calib:
         from .train.corpus import build_corpus, iter_documents
-        from .train.tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer
         corpus = Path(args.corpus)
         if not (corpus / "train.jsonl").exists():
             build_corpus(corpus, sources=args.sources)
@@ -91,7 +91,7 @@ def cmd_generate(args) -> None:
     import torch
     from .generate import greedy_generate
     from .checkpoint import load
-    from .train.tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
     torch.manual_seed(0)
     model = load(args.model, dtype=args.dtype)
     tok = load_tokenizer(args.model)
@@ -156,7 +156,7 @@ def cmd_eval(args) -> None:
     from .eval.lm import evaluate_lm, induction_score
     from .train.corpus import build_corpus
     from .train.data import PackedDataset
-    from .train.tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
     corpus = Path(args.corpus)
     if not (corpus / "val.jsonl").exists():
         build_corpus(corpus, sources=args.sources)

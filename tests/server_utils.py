@@ -22,7 +22,7 @@ def build_model_dir(root):
     (with an MTP block) next to it: a normal nemotron_h model directory."""
     from nemotron3.chat import CHAT_TEMPLATE
     from nemotron3.checkpoint import save
-    from nemotron3.train.tokenizer import load_tokenizer, train_tokenizer
+    from nemotron3.tokenizer import load_tokenizer, train_tokenizer
     texts = [CHAT_TEMPLATE, CHAT_WORDS * 4] * 3
     train_tokenizer(texts, 512, root)
     tok = load_tokenizer(root)

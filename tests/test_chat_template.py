@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nemotron3.chat import CHAT_TEMPLATE, render_chat
-from nemotron3.train.tokenizer import load_tokenizer, train_tokenizer
+from nemotron3.tokenizer import load_tokenizer, train_tokenizer
 
 SYS = {"role": "system", "content": "You are a helpful assistant."}
 USER = {"role": "user", "content": "What is 2+2?"}

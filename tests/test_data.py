@@ -9,7 +9,7 @@ import torch
 
 from nemotron3.train.corpus import build_corpus, iter_documents
 from nemotron3.train.data import IGNORE_INDEX, PackedDataset, load_tokens
-from nemotron3.train.tokenizer import load_tokenizer, train_tokenizer
+from nemotron3.tokenizer import load_tokenizer, train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL = [STDLIB / p for p in ("json", "colorsys.py", "keyword.py", "bisect.py")]

@@ -11,7 +11,7 @@ from nemotron3.engine import LLM, AsyncLLMEngine, LLMEngine, SamplingParams
 
 @pytest.fixture(scope="module")
 def tok():
-    from nemotron3.train.tokenizer import Tokenizer, train_tokenizer
+    from nemotron3.tokenizer import Tokenizer, train_tokenizer
     src = Path(sysconfig.get_paths()["stdlib"]) / "colorsys.py"
     return Tokenizer(train_tokenizer([src.read_text()] * 2, 300))
 

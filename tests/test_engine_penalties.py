@@ -125,7 +125,7 @@ def test_generate_cli_repetition_penalty(server_model_dir, capsys):
     bad value is a clean error."""
     from nemotron3.checkpoint import load
     from nemotron3.cli import main as cli_main
-    from nemotron3.train.tokenizer import load_tokenizer
+    from nemotron3.tokenizer import load_tokenizer
     tok = load_tokenizer(server_model_dir)
     model = load(server_model_dir)
     ids = tok.encode("def f(x):")

@@ -112,7 +112,7 @@ def test_thinking_budget_state_machine():
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    from nemotron3.train.tokenizer import train_tokenizer
+    from nemotron3.tokenizer import train_tokenizer
     src = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
     texts = [src.read_text()] * 2 + ["Hello, world! caf\u00e9 \u4e16\u754c\n"] * 20
     out = tmp_path_factory.mktemp("tok")
@@ -122,7 +122,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_llm(tok_dir):
-    from nemotron3.train.tokenizer import load_tokenizer
+    from nemotron3.tokenizer import load_tokenizer
     tok = load_tokenizer(tok_dir)
     return LLM(tiny_model(4, vocab_size=len(tok)), tokenizer=tok, max_model_len=256)
 

@@ -127,7 +127,7 @@ def test_calc_references_copy_numbers_as_the_same_tokens():
     import re
     from pathlib import Path
 
-    from nemotron3.train.tokenizer import load_tokenizer
+    from nemotron3.tokenizer import load_tokenizer
     tok = load_tokenizer(Path(__file__).resolve().parent.parent / "models" / "pico")
 
     def count(ids, sub):

@@ -84,7 +84,7 @@ def test_eval_lm_cli_reports_loss_and_copying(tmp_path, capsys):
 
     from nemotron3.checkpoint import save
     from nemotron3.cli import main
-    from nemotron3.train.tokenizer import train_tokenizer
+    from nemotron3.tokenizer import train_tokenizer
     text = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 20
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -9,7 +9,7 @@ import torch
 import nemotron3
 from nemotron3.cli import DEFAULT_MODEL
 from nemotron3.engine import LLM, SamplingParams
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 CALC_TASKS, CALC_MIN_CORRECT = 10, 8   # the shipped model: 10 of these 10, 29 of 30 in `eval envs` (model card)
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").exists(), reason="models/pico not shipped")

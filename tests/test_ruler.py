@@ -8,7 +8,7 @@ import torch
 
 from engine_utils import one_thread  # noqa: F401  (autouse fixture)
 from nemotron3.eval import ruler
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 PICO = Path(__file__).resolve().parent.parent / "models" / "pico"
 TEXT = ("The quick brown fox jumps over the lazy dog near the river bank.\n"

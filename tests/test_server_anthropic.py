@@ -9,7 +9,7 @@ from server_utils import ScriptedEngine, live_server
 from test_server_openai import SCRIPTS
 from nemotron3.checkpoint import load
 from nemotron3.server import create_app
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 TOOLS = [{"name": "get_weather", "description": "Weather for a city",
           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},

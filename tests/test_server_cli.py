@@ -14,7 +14,7 @@ from engine_utils import one_thread  # noqa: F401
 from server_utils import ScriptedEngine, free_port
 from nemotron3.chat.terminal import DIM, run_chat
 from nemotron3.checkpoint import load
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 
 def test_serve_command(server_model_dir):

@@ -12,7 +12,7 @@ from server_utils import live_server, wait_idle
 from nemotron3.engine import LLMEngine
 from nemotron3.checkpoint import load
 from nemotron3.server import create_app
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 MSG = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "get_weather",

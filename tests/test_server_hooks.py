@@ -5,7 +5,7 @@ import pytest
 
 from engine_utils import one_thread, tiny_model  # noqa: F401
 from nemotron3.engine import LLM, SamplingParams
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

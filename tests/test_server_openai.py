@@ -9,7 +9,7 @@ from engine_utils import one_thread  # noqa: F401
 from server_utils import ScriptedEngine, live_server
 from nemotron3.checkpoint import load
 from nemotron3.server import create_app
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
         "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>\n")

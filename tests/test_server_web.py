@@ -11,7 +11,7 @@ from server_utils import ScriptedEngine, live_server
 from test_server_openai import SCRIPTS, TOOLS
 from nemotron3.checkpoint import load
 from nemotron3.server import create_app
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)

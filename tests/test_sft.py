@@ -8,7 +8,7 @@ import pytest
 
 from nemotron3.train.envs import get_env
 from nemotron3.train.sft import build_sft_data, encode_conversation, sft_example
-from nemotron3.train.tokenizer import load_tokenizer
+from nemotron3.tokenizer import load_tokenizer
 
 PICO = Path(__file__).resolve().parent.parent / "models" / "pico"
 

@@ -9,7 +9,7 @@ import pytest
 
 from nemotron3.chat import CHAT_TEMPLATE
 from nemotron3.train.corpus import build_corpus, iter_documents
-from nemotron3.train.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from nemotron3.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL = [STDLIB / p for p in ("json", "textwrap.py", "colorsys.py", "keyword.py", "string.py")]

@@ -370,7 +370,7 @@ def test_copy_component_in_a_mixture(data_dirs):
     """{"source": "copy"} adds rows of the copying curriculum (`copy_task_stream`, tested in test_sft) cut
     from the recipe's corpus, with its loss mask: only the repeated spans are learned."""
     from nemotron3.train.data import PackedDataset, copy_task_stream, load_tokens
-    from nemotron3.train.tokenizer import load_tokenizer
+    from nemotron3.tokenizer import load_tokenizer
     r = load_recipe(RECIPE, {"data.corpus_dir": str(data_dirs / "corpus"), "data.tokenizer_dir": str(data_dirs / "tok")})
     r["data"]["mix"] = [{"source": "corpus", "seq_len": 32, "batch_size": 2, "weight": 1},
                         {"source": "copy", "rows": 6, "seq_len": 48, "batch_size": 3, "weight": 1}]
@@ -421,7 +421,7 @@ def test_surgery_keeps_matching_tensors_and_reinitialises_the_rest():
 
 def test_unpacked_documents_get_a_row_each(data_dirs, tmp_path):
     from nemotron3.train.pretrain import _component
-    from nemotron3.train.tokenizer import load_tokenizer
+    from nemotron3.tokenizer import load_tokenizer
     tok = load_tokenizer(data_dirs / "tok")
     texts = ["alpha beta gamma", "one two three four five six seven eight nine ten " * 4, "x"]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

@@ -30,7 +30,7 @@ def run_chat(engine, *, system: str | None = None, thinking: bool = True, thinki
     `[tool call] ...` / `[tool result] ...`, and the model continues, up to `MAX_TOOL_ROUNDS` rounds per
     user message."""
     from ..engine import SamplingParams
-    from ..engine.engine import _encode
+    from ..tokenizer import encode_text
     out = out or sys.stdout
     color = out.isatty() if color is None else color
     dim, reset = (DIM, RESET) if color else ("", "")
@@ -73,7 +73,7 @@ def run_chat(engine, *, system: str | None = None, thinking: bool = True, thinki
             msgs = ([{"role": "system", "content": system}] if system else []) + history
             prompt = tok.apply_chat_template(msgs, tools=tool_schemas, add_generation_prompt=True, tokenize=False,
                                              enable_thinking=thinking)
-            ids = _encode(tok, prompt)
+            ids = encode_text(tok, prompt)
             room = engine.max_model_len - len(ids)
             if room < 1:
                 if round_ == 0:

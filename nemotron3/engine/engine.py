@@ -24,7 +24,6 @@ import asyncio
 import concurrent.futures
 import os
 import random
-import re
 import threading
 import time
 import warnings
@@ -36,6 +35,7 @@ from typing import AsyncIterator, Sequence as Seq
 import torch
 
 from ..model import HybridCache, NemotronHForCausalLM
+from ..tokenizer import encode_text
 from ..model.decode import DecodePlan, native_library, rows_matmul, supported as decode_supported
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecAcceptance
 from .prefix_cache import PrefixCache
@@ -71,19 +71,6 @@ class _Request:
     metrics: RequestMetrics
     finished: bool = False
     num_finished: int = 0
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _encode(tok, text: str) -> list[int]:
-    if not isinstance(text, str):
-        raise TypeError(f"text to tokenize must be a str, got {type(text).__name__}")
-    text = _LONE_SURROGATE.sub("\ufffd", text)          # unpaired UTF-16 halves cannot be tokenized
-    try:
-        return list(tok.encode(text, add_special_tokens=False))
-    except TypeError:                     # nemotron3.train.tokenizer.Tokenizer: no BOS is ever added
-        return list(tok.encode(text))
 
 
 def _int_dtype(dtype: torch.dtype) -> bool:
@@ -205,7 +192,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids or LLM(..., tokenizer=...)")
-            text, ids = prompt, _encode(self.tokenizer, prompt)
+            text, ids = prompt, encode_text(self.tokenizer, prompt)
         elif isinstance(prompt, (list, tuple)):
             bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) and not _int_scalar(t)]
             if bad:
@@ -692,7 +679,7 @@ def _resolve_model(model, tokenizer, dtype):
         path = Path(model)
         net = load(path, dtype=dtype)
         if tokenizer is None and (path / "tokenizer.json").exists():
-            from ..train.tokenizer import load_tokenizer
+            from ..tokenizer import load_tokenizer
             tokenizer = load_tokenizer(path)
     elif isinstance(model, NemotronHForCausalLM):
         net = model
@@ -704,7 +691,7 @@ def _resolve_model(model, tokenizer, dtype):
     else:
         raise ValueError(f"model must be a path or a NemotronHForCausalLM, got {type(model).__name__}")
     if isinstance(tokenizer, (str, os.PathLike)):
-        from ..train.tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
         tokenizer = load_tokenizer(tokenizer)
     return net, tokenizer
 
@@ -813,7 +800,7 @@ class LLM:
                 kw.setdefault("enable_thinking", False)
             text = self.tokenizer.apply_chat_template(conv, tools=tools, add_generation_prompt=True,
                                                       tokenize=False, **kw)
-            prompts.append({"prompt_token_ids": _encode(self.tokenizer, text)})
+            prompts.append({"prompt_token_ids": encode_text(self.tokenizer, text)})
         outs = self.generate(prompts, params)
         return outs
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.pretrain import IGNORE, mtp_labels
-from ..train.tokenizer import SPECIAL_TOKENS
+from ..tokenizer import SPECIAL_TOKENS
 
 
 @torch.inference_mode()

@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat.parsers import CALL_OPEN, Delta, StreamParser, ToolCall, parse_output
 from ..engine import LLM, AsyncLLMEngine, LLMEngine, SamplingParams
-from ..engine.engine import _LONE_SURROGATE, _encode
+from ..tokenizer import encode_text, scrub_surrogates
 from . import protocol as P
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -190,7 +190,7 @@ class Server:
             raise APIError(400, str(e).replace("SamplingParams.", ""), param=field and field.group(1)) from None
 
     def encode(self, text: str) -> list[int]:
-        return _encode(self.tokenizer, text)
+        return encode_text(self.tokenizer, text)
 
     def token_text(self, t: int) -> str:
         return self.tokenizer.decode([t], skip_special_tokens=False)
@@ -803,7 +803,7 @@ def _scrub_surrogates(obj):
     """Lone UTF-16 surrogates (a JSON `\\ud83d` escape without its pair: a string cut mid-emoji) cannot be
     tokenized or written back as UTF-8: replace them with U+FFFD, in place, without recursion."""
     def fix(x):
-        return _LONE_SURROGATE.sub("\ufffd", x) if isinstance(x, str) else x
+        return scrub_surrogates(x) if isinstance(x, str) else x
 
     obj = fix(obj)
     stack = [obj]

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer
 
 
 def resolve_retrieval(recipe: dict) -> dict:

@@ -129,7 +129,7 @@ def _accept_prompts(tok, a: dict, envs: list[str]) -> list[list[int]]:
 
 
 def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> dict:
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
     b, d, a = recipe["boost"], recipe["data"], recipe["acceptance"]
     torch.set_num_threads(b["threads"])
     out_dir = Path(recipe["out_dir"])

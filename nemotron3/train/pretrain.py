@@ -369,7 +369,7 @@ def prepare_data(recipe: dict, vocab_size: int):
     like a component's (default: the corpus val split at seq_len)."""
     from .corpus import build_corpus, iter_documents, stdlib_root
     from .data import Mixture
-    from .tokenizer import load_tokenizer, train_tokenizer
+    from ..tokenizer import load_tokenizer, train_tokenizer
     d, seed = recipe["data"], recipe["train"]["seed"]
     corpus, tok_dir = Path(d["corpus_dir"]), Path(d["tokenizer_dir"])
     if not (corpus / "train.jsonl").exists():     # "stdlib/NAME" sources: a file or package of the stdlib

@@ -287,7 +287,7 @@ def warmup_sft(model, opt, tok, envs: dict, teachers: dict, w: dict, r: dict, lo
 
 def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> dict:
     from .envs import get_env
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
     r, mode = recipe["rl"], recipe["mode"]
     torch.set_num_threads(r["threads"])
     out_dir = Path(recipe["out_dir"])

@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..engine.engine import _encode as encode  # the engine's own prompt encoding
+from ..tokenizer import encode_text as encode
 from ..engine.sampling import SamplingParams
 
 IM_END = "<|im_end|>"

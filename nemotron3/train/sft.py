@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer
 
 ASSISTANT, END, THINK_CLOSE = "<|im_start|>assistant\n", "<|im_end|>", "</think>"
 SFT_DEFAULTS = dict(envs=["calc", "code", "format"], train_per_env=600, val_per_env=30, seed=0,

@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..chat.template import CHAT_TEMPLATE, render_chat
+from .chat.template import CHAT_TEMPLATE, render_chat
 
 SPECIAL_TOKENS = (
     "<unk>", "<s>", "</s>", "<pad>",  # 0..3: unk, bos, eos, pad
@@ -30,6 +31,26 @@ SPECIAL_TOKENS = (
     "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
 )
 UNK, BOS, EOS, PAD = SPECIAL_TOKENS[:4]
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scrub_surrogates(text: str) -> str:
+    """Unpaired UTF-16 halves (JSON allows them, UTF-8 does not) become U+FFFD, as vLLM's detokenizer does."""
+    return LONE_SURROGATE.sub("\ufffd", text)
+
+
+def encode_text(tok, text: str) -> list[int]:
+    """Token ids of `text` with no BOS/EOS, for our :class:`Tokenizer` or a ``transformers`` tokenizer alike.
+    The one place prompt text becomes ids (engine, server, terminal chat and rollouts all call it)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text to tokenize must be a str, got {type(text).__name__}")
+    text = scrub_surrogates(text)
+    try:
+        return list(tok.encode(text, add_special_tokens=False))
+    except TypeError:                     # our Tokenizer.encode takes no add_special_tokens: it never adds BOS
+        return list(tok.encode(text))
 
 
 def _added_token(content: str):
