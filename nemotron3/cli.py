@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from .sandbox import UNSAFE_ENV, SandboxUnavailable
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "pico"
 
@@ -143,6 +145,12 @@ def _engine_args(s) -> None:
     s.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (cache slots)")
     s.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+def _sandbox_arg(s) -> None:
+    s.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="where the sandbox (bubblewrap + user namespaces) cannot run, run model-written code "
+                        "UNSANDBOXED with your user's rights (sets NEMOTRON3_UNSAFE_NO_SANDBOX=1)")
 
 
 def cmd_eval(args) -> None:
@@ -305,6 +313,7 @@ def main(argv=None) -> None:
     s.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply (reasoning included)")
     s.add_argument("--tools", action=argparse.BooleanOptionalAction, default=True,
                    help="offer the demo calculator and sandboxed python tools and run the model's calls")
+    _sandbox_arg(s)
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("eval", help="held-out loss/perplexity/MTP accuracy and in-context copying (lm), RULER "
@@ -336,20 +345,26 @@ def main(argv=None) -> None:
     g.add_argument("--n", type=int, default=50, help="test tasks per env")
     g.add_argument("--mode", default="regular", help="reasoning mode: off | regular | medium | budget=N")
     g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens per assistant turn")
+    _sandbox_arg(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("train", help="pretrain from a recipe (see recipes/); extra flags go to the trainer")
     s.add_argument("recipe")
+    _sandbox_arg(s)
     s.set_defaults(fn=None)
 
     args, rest = p.parse_known_args(argv)
+    if getattr(args, "unsafe_no_sandbox", False):
+        os.environ[UNSAFE_ENV] = "1"            # for this process and the ones it starts
+        print(f"WARNING: --unsafe-no-sandbox: where the sandbox cannot run, model-written code runs "
+              f"UNSANDBOXED", file=sys.stderr)
     if args.cmd == "train":
         return cmd_train(args, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:     # ConfigError / CheckpointError are ValueErrors
+    except (ValueError, FileNotFoundError, SandboxUnavailable) as e:  # ConfigError/CheckpointError: ValueErrors
         raise SystemExit(f"error: {e}") from None
 
 

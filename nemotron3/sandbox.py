@@ -136,18 +136,19 @@ class SandboxResult:
     timed_out: bool = False
     truncated: bool = False             # printed past the cap: stopped, output cut at the cap
     sandboxed: bool = True
-    seconds: float = 0.0
+    seconds: float = 0.0                # wall-clock time of the run
+    timeout: float = 0.0                # the limit it ran under
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out and not self.truncated
 
-    def text(self, timeout: float | None = None) -> str:
+    def text(self) -> str:
         """stdout when ok; otherwise stdout followed by stderr (the traceback) or an `error: ...` line."""
         if self.ok:
             return self.stdout
         if self.timed_out:
-            return self.stdout + (f"error: timed out after {timeout:g}s" if timeout else "error: timed out")
+            return self.stdout + f"error: timed out after {self.timeout:g}s"
         if self.truncated:
             return self.stdout + f"error: output over {MAX_OUTPUT_BYTES} bytes, stopped"
         err = self.stderr
@@ -286,7 +287,8 @@ def _run(code, *, timeout, memory_mb, disk_mb, files, max_output, sandboxed) -> 
     return SandboxResult(stdout=out[:max_output].decode("utf-8", "replace"),
                          stderr=err[:max_output].decode("utf-8", "replace"),
                          exit_code=None if stopped else run.proc.returncode, timed_out=stopped == "timeout",
-                         truncated=stopped == "output", sandboxed=sandboxed, seconds=time.monotonic() - start)
+                         truncated=stopped == "output", sandboxed=sandboxed, seconds=time.monotonic() - start,
+                         timeout=timeout)
 
 
 def _blob(code: str, files, limits) -> bytes:
