@@ -150,7 +150,7 @@ class SandboxResult:
         if self.timed_out:
             return self.stdout + f"error: timed out after {self.timeout:g}s"
         if self.truncated:
-            return self.stdout + f"error: output over {MAX_OUTPUT_BYTES} bytes, stopped"
+            return self.stdout + "error: output limit reached, stopped"
         err = self.stderr
         if not err and self.exit_code and self.exit_code > 128:
             err = f"error: killed by signal {self.exit_code - 128}"
@@ -166,15 +166,16 @@ for res, val in limits:
     hard = resource.getrlimit(res)[1]
     val = val if hard == resource.RLIM_INFINITY else min(val, hard)
     resource.setrlimit(res, (val, val))
+os.write(2, MARKER)
 for name, data in files:
     os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
     with open(name, "wb") as f:
         f.write(data)
 sys.argv = ["<snippet>"]
 del marshal, resource, files, limits
-os.write(2, MARKER)
 exec(compile(code, "<snippet>", "exec"), {"__name__": "__main__"})
 """.replace("MARKER", repr(_MARKER))
+_PYTHON_ARGS = ("-I", "-S", "-B", "-X", "utf8", "-c", _PRELUDE)
 
 
 @functools.cache
@@ -203,7 +204,7 @@ def _layout() -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[tuple[str, s
 
 @functools.cache
 def _bwrap_prefix() -> tuple[str, ...]:
-    """The bwrap command line up to `--seccomp FD` (the same for every call)."""
+    """The bwrap command line up to the per-call part (workdir size, seccomp and status fds)."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable("bubblewrap is not installed: `apt-get install bubblewrap` (Debian/Ubuntu; "
@@ -221,12 +222,6 @@ def _bwrap_prefix() -> tuple[str, ...]:
         argv += ["--ro-bind", src, dest]
     argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
     return tuple(argv)
-
-
-def _command(disk_mb: int, seccomp_fd: int, status_fd: int) -> list[str]:
-    exe = _layout()[0]
-    return [*_bwrap_prefix(), "--size", str(disk_mb << 20), "--tmpfs", WORKDIR, "--remount-ro", "/",
-            "--chdir", WORKDIR, "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd), exe, "-I", "-S", "-B", "-X", "utf8", "-c", _PRELUDE]
 
 
 @functools.cache
@@ -308,18 +303,23 @@ class _Run:
         self.status, self.pidfd, self.status_fd = bytearray(), None, None
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         if cwd is not None:
-            exe = _layout()[0]
-            self.proc = subprocess.Popen([exe, "-I", "-S", "-B", "-X", "utf8", "-c", _PRELUDE], cwd=cwd,
-                                         env={"HOME": cwd}, **pipes)
+            self.proc = subprocess.Popen([_layout()[0], *_PYTHON_ARGS], cwd=cwd, env={"HOME": cwd}, **pipes)
             return
+        prefix, program = _bwrap_prefix(), seccomp_program()       # these raise before any fd is opened
         sec_r, sec_w = os.pipe()
         try:
-            os.write(sec_w, seccomp_program())
+            os.write(sec_w, program)
         finally:
             os.close(sec_w)
         self.status_fd, st_w = os.pipe()
         try:
-            self.proc = subprocess.Popen(_command(disk_mb, sec_r, st_w), pass_fds=(sec_r, st_w), **pipes)
+            self.proc = subprocess.Popen([*prefix, "--size", str(disk_mb << 20), "--tmpfs", WORKDIR,
+                                          "--remount-ro", "/", "--chdir", WORKDIR, "--seccomp", str(sec_r),
+                                          "--json-status-fd", str(st_w), _layout()[0], *_PYTHON_ARGS],
+                                         pass_fds=(sec_r, st_w), **pipes)
+        except BaseException:
+            os.close(self.status_fd)
+            raise
         finally:
             os.close(sec_r)
             os.close(st_w)
