@@ -496,3 +496,19 @@ def test_set_overrides_index_lists_and_name_bad_paths():
                      ("model.pattern", "no 'model'"), ("train.lr.x", "no 'train.lr.x'")]:
         with pytest.raises(ValueError, match=msg):
             apply_overrides(r, {key: 1})
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.safetensors", "rng.safetensors"])
+def test_resume_on_a_damaged_trainer_state_is_one_error_line(data_dirs, tmp_path, capsys, damaged):
+    from nemotron3.train.pretrain import run_stage, stage_parser
+    kw = dict(total_steps=4, warmup_steps=1, save_every=2)
+    train(recipe(data_dirs, tmp_path, **kw), max_steps=2, progress=False)
+    f = tmp_path / "checkpoint" / "trainer" / damaged
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])          # cut short, as a crash or full disk leaves it
+    ap = stage_parser("python -m nemotron3.train", "doc")
+    with pytest.raises(SystemExit) as e:
+        run_stage(ap, lambda: train(recipe(data_dirs, tmp_path, **kw), resume=True, progress=False))
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert last.startswith("error: ") and str(f) in last and "not a readable safetensors file" in last

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import checkpoint
@@ -279,7 +279,7 @@ def find_checkpoint(out_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, opt) -> dict:
     """Restore optimizer and RNG state into `opt` (model weights are loaded by `checkpoint.load`)."""
-    tensors = load_file(str(path / "trainer" / "optimizer.safetensors"))
+    tensors = checkpoint.load_safetensors(path / "trainer" / "optimizer.safetensors")
     state = json.loads((path / "trainer" / "state.json").read_text())
     sd = opt.state_dict()
     index = {id(p): i for i, p in enumerate(q for g in opt.param_groups for q in g["params"])}
@@ -290,7 +290,7 @@ def load_checkpoint(path: Path, model, opt) -> dict:
                                          "exp_avg": tensors[f"{name}.exp_avg"],
                                          "exp_avg_sq": tensors[f"{name}.exp_avg_sq"]}
     opt.load_state_dict(sd)
-    _set_rng(load_file(str(path / "trainer" / "rng.safetensors")), state["rng"])
+    _set_rng(checkpoint.load_safetensors(path / "trainer" / "rng.safetensors"), state["rng"])
     return state
 
 
