@@ -2,16 +2,16 @@
 
 Python-level hooks cannot contain Python, so the isolation is the kernel's (bubblewrap, Debian `bubblewrap`):
 
-* Namespaces: `--unshare-all --unshare-user --disable-userns` (user, PID, network with only a loopback,
-  IPC, UTS, cgroup), uid/gid 65534 inside, `--cap-drop ALL`, `--new-session` (no TIOCSTI into our
-  terminal), `--die-with-parent`, `--as-pid-1` (no unfiltered bwrap init inside: the snippet's interpreter
-  is PID 1, so its death, or bwrap's, ends the namespace).
+* Namespaces: `--unshare-all --unshare-user` (user, PID, network with only a loopback, IPC, UTS, cgroup;
+  none nested: seccomp refuses unshare and clone without CLONE_THREAD), uid/gid 65534 inside,
+  `--cap-drop ALL`, `--new-session` (no TIOCSTI into our terminal), `--die-with-parent`, `--as-pid-1` (no
+  unfiltered bwrap init inside: the snippet's interpreter is PID 1, so its death ends the namespace).
 * Filesystem: an empty read-only root holding only the interpreter binary, its standard library (the base
   `site-packages` hidden under an empty read-only tmpfs) and the shared libraries `ldd` names for the
   interpreter and `lib-dynload`, each bound read-only at its own path; nothing of the host's /etc, /home,
   /tmp or the project. Its own /proc, bwrap's minimal /dev (null, zero, full, random, urandom, tty; the
-  /dev tmpfs read-only), and a size-limited tmpfs (`--size`, bwrap >= 0.5) at /tmp as the working directory.
-  `--clearenv`; only HOME and LANG are set. The interpreter runs `-I -S`.
+  /dev tmpfs read-only), and a size-limited tmpfs (`--size`: bwrap >= 0.7, checked) at /tmp as the working
+  directory. `--clearenv`; only HOME and LANG are set. The interpreter runs `-I -S`.
 * seccomp: a classic-BPF program built here (`seccomp_program`; no kept Python binding installs into a
   venv: pyseccomp is not on the index, Debian's python3-seccomp binds the system Python only), passed with
   `--seccomp FD`. It kills any other ABI (i386 via int 0x80, x32), makes ptrace, mount, bpf, keyctl,
@@ -24,8 +24,8 @@ Python-level hooks cannot contain Python, so the isolation is the kernel's (bubb
   raised. (RLIMIT_NPROC is not enforced for the host's root uid; the seccomp rule above is what bounds forks.)
 * Timeout: a wall-clock deadline, then SIGKILL to the sandbox's PID 1 (through a pidfd, its host pid from
   bwrap's `--json-status-fd`) and to bwrap; the kernel kills everything else in the PID namespace, and
-  `run_python` returns only once PID 1 is gone (`--die-with-parent` covers our own death). Output is capped per stream; a snippet
-  that prints past the cap is stopped (`truncated`).
+  `run_python` returns only once PID 1 is gone (`--die-with-parent` covers our own death). Output is
+  capped per stream; a snippet that prints past the cap is stopped (`truncated`).
 * Fail closed: without bwrap or user namespaces `run_python` raises `SandboxUnavailable` saying why and how
   to fix it. Running unsandboxed needs `allow_unsandboxed=True` or NEMOTRON3_UNSAFE_NO_SANDBOX=1 (the CLI's
   `--unsafe-no-sandbox`), and then only where the sandbox cannot start: it warns on stderr every call.
@@ -40,6 +40,7 @@ import marshal
 import math
 import os
 import platform
+import re
 import resource
 import select
 import selectors
@@ -179,9 +180,15 @@ _PYTHON_ARGS = ("-I", "-S", "-B", "-X", "utf8", "-c", _PRELUDE)
 
 
 @functools.cache
+def _interpreter() -> str:
+    """The real binary of this Python (a venv's base interpreter: the snippet gets no site-packages)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+@functools.cache
 def _layout() -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
     """(interpreter, stdlib dirs, hidden dirs, (source, dest) shared-library binds) for this Python."""
-    exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    exe = _interpreter()
     base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix, "installed_base": sys.base_prefix}
     dirs = sorted({os.path.realpath(sysconfig.get_path(k, vars=base)) for k in ("stdlib", "platstdlib")})
     hidden = sorted({p for p in (os.path.realpath(sysconfig.get_path(k, vars=base)) for k in ("purelib", "platlib"))
@@ -209,8 +216,13 @@ def _bwrap_prefix() -> tuple[str, ...]:
     if bwrap is None:
         raise SandboxUnavailable("bubblewrap is not installed: `apt-get install bubblewrap` (Debian/Ubuntu; "
                                  "`dnf install bubblewrap` on Fedora), or see README 'Sandbox'")
+    version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
+    m = re.search(r"(\d+)\.(\d+)", version)
+    if m and (int(m[1]), int(m[2])) < (0, 7):
+        raise SandboxUnavailable(f"{version or 'bwrap'} is too old: the sandbox needs bubblewrap >= 0.7 (its tmpfs "
+                                 "--size); install a newer bubblewrap (Debian 12 / Ubuntu 24.04 ship 0.8)")
     exe, dirs, hidden, libs = _layout()
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "65534", "--gid", "65534",
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
             "--hostname", "sandbox", "--cap-drop", "ALL", "--new-session", "--die-with-parent", "--as-pid-1",
             "--clearenv", "--setenv", "HOME", WORKDIR, "--setenv", "LANG", "C.UTF-8",
             "--ro-bind", exe, exe]
@@ -269,7 +281,8 @@ def _run(code, *, timeout, memory_mb, disk_mb, files, max_output, sandboxed) -> 
               ("RLIMIT_FSIZE", disk_mb << 20), ("RLIMIT_NOFILE", 64), ("RLIMIT_NPROC", 64), ("RLIMIT_CORE", 0)]
     blob = _blob(code, files, [(getattr(resource, n), v) for n, v in limits])
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="nemotron3-unsafe-") if not sandboxed else contextlib.nullcontext() as cwd:
+    workdir = contextlib.nullcontext() if sandboxed else tempfile.TemporaryDirectory(prefix="nemotron3-unsafe-")
+    with workdir as cwd:
         run = _Run(disk_mb, cwd)
         out, err, stopped = run.communicate(blob, start + timeout, max_output + len(_MARKER))
     ready = err.startswith(_MARKER)
@@ -303,7 +316,7 @@ class _Run:
         self.status, self.pidfd, self.status_fd = bytearray(), None, None
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         if cwd is not None:
-            self.proc = subprocess.Popen([_layout()[0], *_PYTHON_ARGS], cwd=cwd, env={"HOME": cwd}, **pipes)
+            self.proc = subprocess.Popen([_interpreter(), *_PYTHON_ARGS], cwd=cwd, env={"HOME": cwd}, **pipes)
             return
         prefix, program = _bwrap_prefix(), seccomp_program()       # these raise before any fd is opened
         sec_r, sec_w = os.pipe()

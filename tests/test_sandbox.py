@@ -154,7 +154,7 @@ def test_network_is_unreachable(listener):
         except OSError as e:
             print('BLOCKED _socket', type(e).__name__)
         fd = libc.socket(2, 1, 0)
-        addr = struct_sockaddr = (2).to_bytes(2, 'little') + ({port}).to_bytes(2, 'big') + bytes([127, 0, 0, 1]) + bytes(8)
+        addr = (2).to_bytes(2, 'little') + ({port}).to_bytes(2, 'big') + bytes([127, 0, 0, 1]) + bytes(8)  # sockaddr_in
         rc = libc.connect(fd, ctypes.c_char_p(addr), 16)
         print('ESCAPED ctypes connect' if rc == 0 else 'BLOCKED ctypes connect ' + str(err()))
         for host in ('10.0.0.1', '8.8.8.8'):
@@ -495,6 +495,11 @@ def test_fails_closed_when_namespaces_are_refused(monkeypatch, fresh_probe, tmp_
     monkeypatch.setattr(sandbox.shutil, "which", lambda n: str(fake) if n == "bwrap" else real_which(n))
     monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
     with pytest.raises(SandboxUnavailable, match="No permissions to create new namespace.*user namespaces"):
+        run_python("print(1)")
+    fake.write_text("#!/bin/sh\necho 'bubblewrap 0.6.1'\n")
+    for f in (sandbox_problem, sandbox._bwrap_prefix):
+        f.cache_clear()
+    with pytest.raises(SandboxUnavailable, match=r"bubblewrap 0\.6\.1 is too old.*>= 0\.7"):
         run_python("print(1)")
 
 

@@ -1,8 +1,8 @@
 """`code`: predict what a short Python snippet prints. No tools.
 
-Ground truth is the snippet's stdout from `nemotron3.sandbox.run_python` (computed once per task, cached). Answer extraction:
-the text after the last `Output:` (case-insensitive) in the final content, or the whole content when there
-is none; code fences are dropped. Both sides are normalised (`normalize_output`: lines right-stripped,
+Ground truth is the snippet's stdout from `nemotron3.sandbox.run_python` (computed once per task, cached).
+Answer extraction: the text after the last `Output:` (case-insensitive) in the final content, or the whole
+content when there is none; code fences are dropped. Both sides are normalised (`normalize_output`: lines right-stripped,
 leading/trailing blank lines removed) and compared exactly.
 """
 from __future__ import annotations
