@@ -28,7 +28,7 @@ Python-level hooks cannot contain Python, so the isolation is the kernel's (bubb
   capped per stream; a snippet that prints past the cap is stopped (`truncated`).
 * Fail closed: without bwrap or user namespaces `run_python` raises `SandboxUnavailable` saying why and how
   to fix it. Running unsandboxed needs `allow_unsandboxed=True` or NEMOTRON3_UNSAFE_NO_SANDBOX=1 (the CLI's
-  `--unsafe-no-sandbox`), and then only where the sandbox cannot start: it warns on stderr every call.
+  `--unsafe-no-sandbox`), and then only where the sandbox cannot start, with a warning on stderr.
 """
 from __future__ import annotations
 
@@ -246,6 +246,13 @@ def sandbox_problem() -> str | None:
     return None if r.stdout == "1\n" else f"the sandbox's probe printed {r.stdout!r}, stderr {r.stderr!r}"
 
 
+@functools.cache
+def _warn_unsandboxed(problem: str) -> None:
+    """Once per process (a training run may execute thousands of snippets); each result says `sandboxed`."""
+    sys.stderr.write(f"WARNING: {UNSAFE_ENV}: running model-written code UNSANDBOXED with this user's rights "
+                     f"(sandbox unavailable: {problem})\n")
+
+
 def _unsafe_allowed(allow_unsandboxed: bool) -> bool:
     return allow_unsandboxed or os.environ.get(UNSAFE_ENV, "") not in ("", "0")
 
@@ -270,8 +277,7 @@ def run_python(code: str, *, timeout: float = 2.0, memory_mb: int = 512, disk_mb
     if not _unsafe_allowed(allow_unsandboxed):
         raise SandboxUnavailable(f"cannot run model-written code: {problem}. Running it unsandboxed needs an "
                                  f"explicit opt-in: --unsafe-no-sandbox or {UNSAFE_ENV}=1")
-    sys.stderr.write(f"WARNING: {UNSAFE_ENV}: running model-written code UNSANDBOXED with this user's rights "
-                     f"(sandbox unavailable: {problem})\n")
+    _warn_unsandboxed(problem)
     return _run(code, timeout=timeout, memory_mb=memory_mb, disk_mb=disk_mb, files=files,
                 max_output=max_output, sandboxed=False)
 

@@ -463,10 +463,10 @@ def test_seccomp_program_decisions(machine):
 @pytest.fixture
 def fresh_probe():
     """Forget the cached probe / command line before and after a test that fakes the machine."""
-    for f in (sandbox_problem, sandbox._bwrap_prefix):
+    for f in (sandbox_problem, sandbox._bwrap_prefix, sandbox._warn_unsandboxed):
         f.cache_clear()
     yield
-    for f in (sandbox_problem, sandbox._bwrap_prefix):
+    for f in (sandbox_problem, sandbox._bwrap_prefix, sandbox._warn_unsandboxed):
         f.cache_clear()
 
 
