@@ -1,4 +1,4 @@
-"""Nemotron 3 chat template (ChatML + ``<think>`` blocks + XML-style tool calls).
+"""Nemotron 3 chat template (ChatML + ``<think>`` blocks + XML-style tool calls): ``nemotron3.jinja``.
 
 Format (what the released Nemotron 3 checkpoints were trained on)::
 
@@ -8,23 +8,29 @@ Format (what the released Nemotron 3 checkpoints were trained on)::
     <|im_start|>user\n<tool_response>\n{result}\n</tool_response>\n<|im_end|>\n
     <|im_start|>assistant\n<think>\n                                 (generation prompt)
 
-Design decisions:
+The template is ours; it renders byte-identically to NVIDIA's published Nano template on every
+conversation shape in ``tests/data/chat_template_nvidia.json`` (rendered by NVIDIA's template). Its rules:
 
-* Every assistant turn opens with a think block; ``<think></think>`` is synthesised when
-  there is no reasoning, and with ``truncate_history_thinking`` (default on) assistant
-  turns *before the last user message* keep only the empty block + content (reasoning of
-  the ongoing tool-calling turn is kept). Reasoning is read from ``reasoning_content``
-  or, failing that, from a ``<think>...</think>`` prefix inside ``content``.
-* ``enable_thinking`` (default on) only changes the generation prompt:
-  ``<think>\n`` (model thinks) vs. ``<think></think>`` (model answers directly).
-* Tool arguments are rendered one ``<parameter=NAME>`` block each; strings verbatim,
-  everything else JSON-encoded. ``arguments`` may be a dict or a JSON string; the string
-  form needs a ``fromjson`` filter, which :func:`render_chat` provides (the
-  ``transformers`` environment does not, so pass dicts there, as its docs ask).
-* The template only uses ``{%- -%}`` tags, so its output does not depend on the
-  ``trim_blocks``/``lstrip_blocks`` settings; :func:`render_chat` nevertheless mirrors
-  the ``transformers`` sandbox (same ``tojson``, ``raise_exception``, ``strftime_now``)
-  so both render byte-identical strings.
+* Reasoning (``reasoning_content``, or a ``<think>...</think>`` inside ``content``) and content are kept
+  verbatim between the separators; only the turn's two ends are trimmed. No think tags at all gives
+  ``<think></think>`` + content.
+* ``truncate_history_thinking`` (default on) drops the reasoning of assistant turns *before the last
+  user message*: a plain answer keeps what follows the last ``</think>`` untrimmed (so
+  ``<think></think>\nHello!``), a tool-calling turn keeps it trimmed (``<think></think>Calling.``).
+* ``enable_thinking`` (default on) only changes the generation prompt: ``<think>\n`` vs ``<think></think>``.
+* Tool-call arguments: containers as JSON, scalars with Jinja's ``|string`` (Python spelling ``True``,
+  ``None``, ``1e+20``). Tool schemas: each parameter's ``type``, ``description``, ``enum`` first, then
+  its other keys; extra keys of ``parameters`` (``additionalProperties``...) and of the function
+  (``strict``...) as ``<key>value</key>`` with the same value spelling.
+
+Deliberate differences, only where NVIDIA's template errors or prints a Python repr (tested):
+``content`` None renders empty, a list of OpenAI content parts renders its text, ``arguments`` may be a
+JSON string (needs the ``fromjson`` filter :func:`render_chat` provides; ``transformers`` has none, so
+pass dicts there), and a conversation that opens with a tool result still opens a user turn.
+
+The template only uses ``{%- -%}`` tags, so its output does not depend on ``trim_blocks`` /
+``lstrip_blocks``; :func:`render_chat` nevertheless mirrors the ``transformers`` sandbox (same
+``tojson``, ``raise_exception``, ``strftime_now``) so both render byte-identical strings.
 """
 
 from __future__ import annotations
