@@ -159,3 +159,19 @@ def test_tools_disabled_and_anthropic_schemas():
     assert parse_output("</think>" + call, parse_tools=False).content == call
     anthropic = [{"name": "f", "input_schema": {"type": "object", "properties": {"n": {"type": "integer"}}}}]
     assert parse_output("</think>" + call, tools=anthropic).tool_calls[0].arguments == {"n": 5}
+
+
+@pytest.mark.parametrize("body,well_formed", [
+    ("<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>", True),
+    ("<function=f>\n</function>\n</tool_call>", True),
+    ("<function=f>\n<parameter=x>\n1\n</function>\n</tool_call>", False),            # no </parameter>
+    ("<function=f>\n<parameter=x>\n1\n</parameter>\n</tool_call>", False),           # no </function>
+    ("<function=f>\n<parameter=x>\n1\n</parameter>\n</function>", False),            # no </tool_call>
+    ("junk<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>", False),
+    ("<function=f>\njunk<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>", False),
+])
+def test_recovered_calls_are_marked(body, well_formed):
+    """Serving takes recovered calls as vLLM does; RL grades them as format errors (envs/base.py)."""
+    calls = parse_output("</think><tool_call>\n" + body).tool_calls
+    assert len(calls) == 1 and calls[0].well_formed is well_formed
+    assert calls[0].arguments in ({"x": "1"}, {})

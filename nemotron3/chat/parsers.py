@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _FUNCTION = re.compile(r"<function=(.*?)</function>|<function=(.*)$", re.S)
-_PARAM = re.compile(r"<parameter=(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.S)
+_PARAM = re.compile(r"<parameter=(.*?)(?:(</parameter>)|(?=<parameter=)|(?=</function>)|$)", re.S)
 _BAD_NAME = re.compile(r"[\s{}<>\"']")
 _STRING_TYPES = ("string", "str", "text", "varchar", "char", "enum")
 _INT_PREFIXES = ("int", "uint", "long", "short", "unsigned")
@@ -51,6 +51,7 @@ class ToolCall:
     name: str
     arguments: dict
     id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+    well_formed: bool = True     # False: recovered from missing closing tags (RL grades it a format error)
 
     @property
     def arguments_json(self) -> str:
@@ -141,11 +142,12 @@ def convert_value(value: str, schema) -> object:
     return _literal(value)
 
 
-def parse_tool_call(block: str, tools: list | None = None) -> list[ToolCall] | None:
-    """The calls inside one `<tool_call>` body (its `</tool_call>` may be missing); None when it holds no
-    well-named `<function=NAME>` or a parameter without a name, so its text is kept as content."""
+def parse_tool_call(block: str, tools: list | None = None, closed: bool = True) -> list[ToolCall] | None:
+    """The calls inside one `<tool_call>` body (`closed`: its `</tool_call>` was seen); None when it holds
+    no well-named `<function=NAME>` or a parameter without a name, so its text is kept as content."""
     schemas = _schemas(tools)
     calls = []
+    tidy = closed and not _FUNCTION.sub("", block).strip()
     for m in _FUNCTION.finditer(block):
         fn = m.group(1) if m.group(1) is not None else m.group(2)
         name, gt, body = fn.partition(">")
@@ -154,15 +156,17 @@ def parse_tool_call(block: str, tools: list | None = None) -> list[ToolCall] | N
             return None
         props = schemas.get(name)
         args = {}
+        well_formed = tidy and m.group(1) is not None and not _PARAM.sub("", body).strip()
         for p in _PARAM.finditer(body):
             pname, gt, value = p.group(1).partition(">")
             pname = pname.strip()
             if not gt or not pname:
                 return None
+            well_formed = well_formed and p.group(2) is not None
             value = value[1:] if value.startswith("\n") else value
             value = value[:-1] if value.endswith("\n") else value
             args[pname] = convert_value(value, props.get(pname) if props is not None else None)
-        calls.append(ToolCall(name, args))
+        calls.append(ToolCall(name, args, well_formed=well_formed))
     return calls or None
 
 
@@ -225,7 +229,7 @@ class StreamParser:
             self._has_content = True
 
     def _call(self, block: str, closed: bool, out: Delta) -> None:
-        calls = parse_tool_call(block, self.tools)
+        calls = parse_tool_call(block, self.tools, closed)
         if calls is None:                  # not a call: its text (and the whitespace before it) is content
             self._content(CALL_OPEN + block + (CALL_CLOSE if closed else ""), out)
             return
