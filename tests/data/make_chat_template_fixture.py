@@ -1,6 +1,7 @@
 """Regenerate ``tests/data/chat_template_nvidia.json``: conversation shapes rendered by NVIDIA's Nano chat template.
 
-Not part of the test suite, and it ships none of NVIDIA's template: it needs a local copy of NVIDIA's published
+Not part of the test suite, and it ships none of NVIDIA's template (it is under the NVIDIA Open Model License,
+whose redistribution terms we do not take on; the rendered strings are data): it needs a local copy of NVIDIA's published
 ``chat_template.jinja`` for Nemotron 3 Nano (the one used for the fixture: llama.cpp's
 ``models/templates/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.jinja`` at ggml-org/llama.cpp commit c15395f73, itself
 the template of https://huggingface.co/nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 with CRLF line ends made LF;
