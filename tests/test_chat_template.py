@@ -123,3 +123,10 @@ def test_checkpoint_template_wins(tok_dir, tmp_path):
     assert load_tokenizer(no_template).chat_template == CHAT_TEMPLATE
     (no_template / "chat_template.jinja").write_text(jinja_file)
     assert load_tokenizer(no_template).apply_chat_template(msgs, add_generation_prompt=False) == "[file hi]"
+
+
+@pytest.mark.parametrize("model", ["pico", "pico-nvfp4"])
+def test_shipped_models_carry_the_default_template(model):
+    """The embedded models' saved template (which wins over ours at load) is the NVIDIA-identical default."""
+    cfg = json.loads((Path(__file__).parents[1] / "models" / model / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == CHAT_TEMPLATE
