@@ -1,5 +1,4 @@
 """SFT data: token-exact rendering, assistant-only loss mask, masked forced </think>, all modes present."""
-import json
 import random
 from pathlib import Path
 
