@@ -158,6 +158,3 @@ class RunLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": self.state["step"], **rec}) + "\n")
-
-    def records(self) -> list[dict]:
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
