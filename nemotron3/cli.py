@@ -6,7 +6,7 @@
     nemotron3 eval lm|ruler [MODEL] [...]               held-out LM quality / RULER long-context retrieval
     nemotron3 eval envs [MODEL] [--envs calc,code,format] [--n 50] [--mode off|regular|medium|budget=N]
                                                         greedy accuracy on the post-training environments' test split
-    nemotron3 train RECIPE.json [...]                   pretraining (see recipes/)
+    nemotron3 train RECIPE.json [...]                   pretraining (see recipes/; --help lists the trainer's flags)
     nemotron3 serve [MODEL] [--port 8000] [...]         OpenAI/Anthropic-compatible server + web chat at /
     nemotron3 chat [MODEL]                              interactive terminal chat (/exit, /reset, /think on|off)
 """
@@ -216,8 +216,8 @@ def cmd_eval_ruler(args) -> None:
     """RULER-style retrieval accuracy (task x length) with haystacks from the corpus's validation split."""
     import torch
     from .engine import LLM
-    from .eval.ruler import MAX_TOKENS, TASKS, evaluate_ruler, format_table, load_haystack_docs
-    from .train.corpus import build_corpus
+    from .eval.ruler import MAX_TOKENS, TASKS, evaluate_ruler, format_table
+    from .train.corpus import build_corpus, iter_documents
     if args.threads:
         torch.set_num_threads(args.threads)
     bad = [t for t in args.tasks if t not in TASKS]
@@ -236,7 +236,8 @@ def cmd_eval_ruler(args) -> None:
         llm = LLM(args.model, max_num_seqs=args.batch, max_model_len=max_len, dtype=args.dtype,
                   enable_prefix_caching=False, max_num_batched_tokens=max(args.prefill_chunk, args.batch + 1))
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    report = evaluate_ruler(llm, load_haystack_docs(corpus, "val"), args.tasks, args.lengths, args.samples,
+    haystack = [d["text"] for d in iter_documents(corpus, "val")]
+    report = evaluate_ruler(llm, haystack, args.tasks, args.lengths, args.samples,
                             args.seed, args.batch, log=log)
     report["model"] = str(args.model)
     print(format_table(report))
@@ -245,12 +246,16 @@ def cmd_eval_ruler(args) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def cmd_train(args, rest) -> None:
+def cmd_train(argv: list[str]) -> None:
+    """Everything after `train` goes to the trainer's own parser, so `nemotron3 train --help` lists its flags."""
     from .train.pretrain import main as train_main
-    train_main([args.recipe, *rest])
+    train_main(argv, prog="nemotron3 train")
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return cmd_train(argv[1:])
     p = argparse.ArgumentParser(prog="nemotron3", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -348,20 +353,16 @@ def main(argv=None) -> None:
     _sandbox_arg(s)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("train", help="pretrain from a recipe (see recipes/); extra flags go to the trainer")
-    s.add_argument("recipe")
-    _sandbox_arg(s)
-    s.set_defaults(fn=None)
+    # listed here for `nemotron3 --help`; main() hands `train ...` to the trainer before this parser runs
+    s = sub.add_parser("train", help="pretrain from a recipe (see recipes/); `nemotron3 train --help` lists the "
+                                     "trainer's flags", add_help=False)
+    s.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE.json and the trainer's flags")
 
-    args, rest = p.parse_known_args(argv)
+    args = p.parse_args(argv)
     if getattr(args, "unsafe_no_sandbox", False):
         os.environ[UNSAFE_ENV] = "1"            # for this process and the ones it starts
         print(f"WARNING: --unsafe-no-sandbox: where the sandbox cannot run, model-written code runs "
               f"UNSANDBOXED", file=sys.stderr)
-    if args.cmd == "train":
-        return cmd_train(args, rest)
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError, SandboxUnavailable) as e:  # ConfigError/CheckpointError: ValueErrors
