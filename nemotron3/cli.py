@@ -130,7 +130,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .chat.terminal import run_chat
+    from .terminal_chat import run_chat
     from .engine import LLM
     llm = LLM(args.model or default_model(), **_engine_kwargs(args))
     run_chat(llm.engine, system=args.system, thinking=not args.no_thinking, thinking_budget=args.thinking_budget,
