@@ -66,9 +66,9 @@ class AsyncLLMEngine:
     def medium_thinking_budget(self) -> int:
         return self.engine.medium_thinking_budget
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, max_model_len: int | None = None) -> int:
         """`LLMEngine.check_request`: the server calls it before it starts a response."""
-        return self.engine.check_request(prompt_ids, params)
+        return self.engine.check_request(prompt_ids, params, max_model_len)
 
     def snapshot(self) -> EngineSnapshot:
         return self.engine.snapshot()

@@ -2,12 +2,12 @@
 
 Design decisions:
 
-* **vLLM's prefix/read offsets over `tokenizer.decode`.** Each new token decodes a short window (a few tokens of
-  context + the unread tail) twice and keeps the difference; text ending in U+FFFD (a UTF-8 sequence cut between
-  tokens) is held back until the next token completes it. It works for any tokenizer with `decode` (ours and
-  `transformers`'), with `skip_special_tokens` either way. `tokenizers`' Rust `DecodeStream` was measured against
-  it on pico (bench/detokenize.py, bench/RESULTS.md): it is not faster per token at this vocabulary and would
-  need a second path for `transformers` tokenizers, so it is not used.
+* **`tokenizers`' `DecodeStream`** turns one token at a time into text, in Rust: it decodes a short window
+  (a few prompt tokens of context, then the unread tail) and holds back a UTF-8 sequence cut between tokens
+  until the next token completes it. Measured against vLLM's prefix/read offsets over `tokenizer.decode`
+  (two Python-level decodes per token) on pico: 2.2 vs 18.2 us/token, the same text (bench/detokenize.py,
+  bench/RESULTS.md), i.e. ~1 ms less per step at 64 sequences. It needs the Rust tokenizer
+  (`backend_tokenizer`: ours and every `transformers` fast tokenizer have one).
 * **Stop strings** count only where they end in text added by the latest token (vLLM), so a stop string is
   found once, at its earliest position; the text is cut before it (or after it, `include_stop_str_in_output`).
 * **Hold-back.** While a sequence runs, the last `max(len(stop)) - 1` characters are not streamed: they may be
@@ -17,35 +17,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
+from tokenizers.decoders import DecodeStream
+
 CONTEXT_TOKENS = 4          # prompt tokens kept as decoding context for the first generated tokens
 
 
 class Detokenizer:
     """Text of one sequence's output ids, built a token at a time (`push`), with stop strings (`find_stop`)
-    and what may be streamed (`emit`)."""
+    and what may be streamed (`emit`). `backend`: a `tokenizers.Tokenizer`."""
 
-    def __init__(self, tokenizer, prompt_ids: Seq[int], skip_special_tokens: bool, stop: Seq[str] = (),
+    def __init__(self, backend, prompt_ids: Seq[int], skip_special_tokens: bool, stop: Seq[str] = (),
                  include_stop: bool = False):
-        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.backend = backend
+        self.stream = DecodeStream(list(prompt_ids[-CONTEXT_TOKENS:]), skip_special_tokens=skip_special_tokens)
         self.stop, self.include_stop = list(stop), include_stop
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        context = prompt_ids[-CONTEXT_TOKENS:]
-        self.ids = list(context)                # context + output tokens
-        self.prefix_offset, self.read_offset = 0, len(context)
         self.text = ""
         self.sent = 0                           # characters of `text` already streamed
 
     def push(self, token: int) -> int:
         """Add one token; returns how many characters the text grew by (0 while a UTF-8 sequence is open)."""
-        ids = self.ids
-        ids.append(token)
-        prefix = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
-        full = self.tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=self.skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-            return len(full) - len(prefix)
-        return 0
+        new = self.stream.step(self.backend, token)
+        if not new:
+            return 0
+        self.text += new
+        return len(new)
 
     def find_stop(self, new_from: int) -> str | None:
         """The earliest stop string ending in the text added since `new_from`; cuts the text there."""

@@ -116,6 +116,10 @@ class LLMEngine:
                              f"(1 + num_speculative_tokens) = {need}, or prefills could starve")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self._detok_backend = None if tokenizer is None else getattr(tokenizer, "backend_tokenizer", None)
+        if tokenizer is not None and self._detok_backend is None:
+            raise ValueError("the engine needs a tokenizer backed by `tokenizers` (nemotron3's, or a transformers "
+                             "fast tokenizer): detokenization streams through its backend_tokenizer")
         self.k = k
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
@@ -199,12 +203,14 @@ class LLMEngine:
             return None, prompt.tolist()
         raise RequestError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}", "prompt")
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, max_model_len: int | None = None) -> int:
         """Every rule a request must satisfy beyond SamplingParams' own value checks; raises a `RequestError`
-        naming the parameter at fault. Returns the request's max_tokens (the context's room when None)."""
+        naming the parameter at fault. Returns the request's max_tokens (the context's room when None).
+        `max_model_len` may lower the context limit (the server's own limit), never raise it."""
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}", "params")
-        V, L, P = self.model.config.vocab_size, self.max_model_len, len(prompt_ids)
+        V, P = self.model.config.vocab_size, len(prompt_ids)
+        L = min(self.max_model_len, max_model_len or self.max_model_len)
         if not P:
             raise RequestError("the prompt is empty", "prompt")
         bad = [t for t in prompt_ids if not 0 <= t < V]
@@ -248,7 +254,7 @@ class LLMEngine:
             seq.answer_start = None if tb is not None and tb.inside else 0
             seq.logprobs = [] if params.logprobs is not None else None
             if self.tokenizer is not None:
-                seq.detok = Detokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                seq.detok = Detokenizer(self._detok_backend, ids, params.skip_special_tokens, params.stop,
                                         params.include_stop_str_in_output)
             seqs.append(seq)
         req = _Request(request_id, text, ids, params, seqs, RequestMetrics(now, num_prompt_tokens=len(ids)))
