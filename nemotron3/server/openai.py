@@ -43,6 +43,15 @@ EFFORT = {"none": "off", "minimal": "off", "off": "off", "low": "low", "medium":
           "high": "regular"}
 
 
+def _sampling_fields(server: Server, req, stop: list[str]) -> dict:
+    """The SamplingParams fields chat and completions requests share, with OpenAI's defaults."""
+    return dict(n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+                seed=req.seed, min_tokens=req.min_tokens, stop=stop, stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
+                **server.penalties(req))
+
+
 def check_unsupported(req) -> None:
     """Refuse (400) what a chat or completion request may carry but this server does not implement."""
     fmt = getattr(req, "response_format", None)
@@ -248,14 +257,10 @@ def plan_chat(server, req: protocol.ChatCompletionRequest) -> ChatPlan:
     text, ids = server.render(messages, template_tools, kwargs)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = server.params(
-        n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
-        stop=server.check_stop(req.stop), stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+        **_sampling_fields(server, req, server.check_stop(req.stop)), max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None, skip_special_tokens=False,
-        include_stop_str_in_output=req.include_stop_str_in_output, reasoning_mode=mode,
-        thinking_budget=budget, answer_prefix_ids=server.tool_call_prefix(forced_name) if note else None,
-        **server.penalties(req))
+        reasoning_mode=mode, thinking_budget=budget,
+        answer_prefix_ids=server.tool_call_prefix(forced_name) if note else None)
     names = {"prompt": "messages"}
     if req.max_completion_tokens is not None:
         names["max_tokens"] = "max_completion_tokens"
@@ -381,12 +386,8 @@ def plan_completion(server, req: protocol.CompletionRequest):
     plans = []
     for ids in prompts:
         params = server.params(
-            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-            seed=req.seed, max_tokens=16 if req.max_tokens is None else req.max_tokens, min_tokens=req.min_tokens,
-            stop=stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=req.logprobs,
-            skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output, **server.penalties(req))
+            **_sampling_fields(server, req, stop), max_tokens=16 if req.max_tokens is None else req.max_tokens,
+            logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens)
         plans.append((ids, server.check_request(ids, params)))
     if sum(p.n for _, p in plans) > server.max_pending:
         raise APIError(400, "too many sequences in one request", param="prompt")
