@@ -30,27 +30,32 @@ def default_model() -> str:
 
 
 def _config_for(target: str):
+    """(config, display name, preset name or None). A model directory (or config file) wins over a preset of
+    the same name, and reports its own config, never the preset's inferred fields."""
     from .config import NemotronConfig
     from .presets import PRESETS, get_preset
+    path = Path(target)
+    if path.is_file() or (path / "config.json").is_file():
+        return NemotronConfig.from_json_file(path), path.resolve().name, None
     if target in PRESETS:
-        return get_preset(target), target
-    if Path(target).exists():
-        return NemotronConfig.from_json_file(target), Path(target).name
+        return get_preset(target), target, target
+    if path.exists():
+        return NemotronConfig.from_json_file(path), path.resolve().name, None
     raise SystemExit(f"error: {target!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
 
 
 def cmd_info(args) -> None:
     from .presets import format_report, report_dict
-    cfg, name = _config_for(args.model)
+    cfg, name, preset = _config_for(args.model)
     recipes = [args.recipe] if args.recipe else []
     if args.json:
-        out = report_dict(cfg, args.context, name)
+        out = report_dict(cfg, args.context, preset)
         if recipes:
             from .quant.recipe import bits_per_element
             out["quantization"] = bits_per_element(cfg, args.recipe)
         print(json.dumps(out, indent=2))
     else:
-        print(format_report(cfg, name, args.context))
+        print(format_report(cfg, name, args.context, preset))
         if recipes:
             from .quant.recipe import format_bits_report
             print(format_bits_report(cfg, args.recipe))
@@ -132,7 +137,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .chat.terminal import run_chat
+    from .terminal_chat import run_chat
     from .engine import LLM
     llm = LLM(args.model or default_model(), **_engine_kwargs(args))
     run_chat(llm.engine, system=args.system, thinking=not args.no_thinking, thinking_budget=args.thinking_budget,

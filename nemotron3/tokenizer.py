@@ -129,6 +129,11 @@ class Tokenizer:
         self.im_start_id, self.im_end_id = self.special_tokens["<|im_start|>"], self.special_tokens["<|im_end|>"]
 
     @property
+    def backend_tokenizer(self):
+        """The ``tokenizers.Tokenizer`` underneath (transformers' fast tokenizers have the same property)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

@@ -307,7 +307,7 @@ class FakeEngine:
 
 
 def test_terminal_chat_with_tools(monkeypatch):
-    from nemotron3.chat import terminal
+    from nemotron3 import terminal_chat as terminal
 
     rendered = []
     orig = FakeTokenizer.apply_chat_template
@@ -358,7 +358,7 @@ def test_terminal_chat_with_tools(monkeypatch):
 
 
 def test_chat_cli_tools_flag(monkeypatch):
-    import nemotron3.chat.terminal as terminal
+    import nemotron3.terminal_chat as terminal
     import nemotron3.engine as engine_mod
     from nemotron3.cli import main
     seen = []

@@ -50,10 +50,10 @@ from torch import nn
 
 from ..quant.linear import FP8Linear, NVFP4Linear
 from ..quant.quantize import NVFP4Experts
-from .attention import Attention
-from .mamba2 import Mamba2Mixer
-from .moe import Experts, LatentMoE, MLP, TopkRouter
-from .norm import GatedRMSNorm, RMSNorm
+from ..model.attention import Attention
+from ..model.mamba2 import Mamba2Mixer
+from ..model.moe import Experts, LatentMoE, MLP, TopkRouter
+from ..model.norm import GatedRMSNorm, RMSNorm
 
 
 LINEARS = (nn.Linear, NVFP4Linear, FP8Linear)
