@@ -97,7 +97,8 @@ class LLMEngine:
                  num_speculative_tokens: int = 0, enable_prefix_caching: bool = True,
                  prefix_cache_bytes: int = 256 << 20, block_size: int = 64, seed: int = 0,
                  reasoning_tokens: ReasoningTokens | None = None,
-                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True):
+                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
+                 kv_cache_dtype: str = "auto"):
         cfg = model.config
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs!r}")
@@ -130,8 +131,10 @@ class LLMEngine:
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
         self.medium_thinking_budget = medium_thinking_budget
-        self.cache = HybridCache(cfg, max_num_seqs, max_len=min(self.max_model_len + k, 256),
-                                 dtype=model.dtype, device=model.device)
+        # kv_cache_dtype (vLLM's flag): auto = the checkpoint's declaration (FP8 K/V with its scales) or the model
+        # dtype; bfloat16; fp8 (HybridCache.for_model)
+        self.cache = HybridCache.for_model(model, max_num_seqs, max_len=min(self.max_model_len + k, 256),
+                                           kv_cache_dtype=kv_cache_dtype)
         self.cache.capacity_limit = self.max_model_len + k
         self.prefix_cache = PrefixCache(prefix_cache_bytes, block_size) if enable_prefix_caching else None
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, k,
@@ -160,7 +163,8 @@ class LLMEngine:
         self._head_t, self._head_key = None, None
         # batch-1 decode fast path (model/decode.py), built on first use for fp32 CPU models; the full
         # weight check (parameters replaced, not only updated) runs once per added request
-        self.fast_decode = fast_decode
+        # (the plan reads and writes K/V in the activation dtype: other K/V storage takes the batched forward)
+        self.fast_decode = fast_decode and self.cache.kv_dtype == self.cache.dtype
         self._plan: DecodePlan | None = None
         self._plan_full_check = True
 
@@ -701,21 +705,25 @@ class LLM:
 
     LLM(model_path_or_model, tokenizer=None, max_num_seqs=16, max_model_len=None (config's
     max_position_embeddings), num_speculative_tokens=0, enable_prefix_caching=True, dtype=None,
-    fast_decode=True (batch-1 decode through `model/decode.py`'s DecodePlan on fp32 CPU models), ...)
+    fast_decode=True (batch-1 decode through `model/decode.py`'s DecodePlan on fp32 CPU models),
+    kv_cache_dtype="auto" | "bfloat16" | "fp8" (vLLM's; auto = the checkpoint's FP8 KV declaration or the
+    model dtype), ...)
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  num_speculative_tokens: int = 0, enable_prefix_caching: bool = True, dtype=None,
                  max_num_batched_tokens: int | None = None, prefix_cache_bytes: int = 256 << 20,
                  block_size: int = 64, seed: int = 0, reasoning_tokens: ReasoningTokens | None = None,
-                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True):
+                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
+                 kv_cache_dtype: str = "auto"):
         net, tok = _resolve_model(model, tokenizer, dtype)
         self.engine = LLMEngine(net, tok, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 num_speculative_tokens=num_speculative_tokens,
                                 enable_prefix_caching=enable_prefix_caching, prefix_cache_bytes=prefix_cache_bytes,
                                 block_size=block_size, seed=seed, reasoning_tokens=reasoning_tokens,
-                                medium_thinking_budget=medium_thinking_budget, fast_decode=fast_decode)
+                                medium_thinking_budget=medium_thinking_budget, fast_decode=fast_decode,
+                                kv_cache_dtype=kv_cache_dtype)
         self._counter = 0
 
     @property
