@@ -193,6 +193,8 @@ def test_fp8_kv_checkpoint_cli_round_trip(tmp_path, capsys):
     assert kv["auto"] * 2 == kv["bfloat16"] > 0
     cli_main(["info", str(tmp_path / "src"), "--context", "1000"])
     assert "layers bf16" in capsys.readouterr().out
+    (dst / "hf_quant_config.json").unlink()          # config.json's kv_cache_scheme alone declares it too
+    assert load(dst).backbone.layers[1].mixer.k_scale == 1.0
 
 
 def test_info_ultra_1m_tokens_fp8_halves_kv(capsys):
