@@ -16,11 +16,15 @@ temporary name and renamed.
 Quantized checkpoints (NVIDIA Model Optimizer layout: `hf_quant_config.json` and/or a modelopt
 `quantization_config`; `quant/modelopt.py`) load into a model whose linears / routed experts are swapped for
 `quant` modules wherever the stored weight is packed NVFP4 (uint8) or FP8; their codes and scales keep their
-dtypes (scales upcast to fp32). Saving a model that holds quantized modules writes that layout.
+dtypes (scales upcast to fp32). Saving a model that holds quantized modules writes that layout. A checkpoint
+declaring `kv_cache_quant_algo: "FP8"` gives every attention layer its `k_scale` / `v_scale` (ModelOpt's
+`...mixer.k_proj.k_scale` / `...mixer.v_proj.v_scale`, 1.0 when absent), kept as numbers on the `Attention`
+module (not parameters: the engine's cache applies them); saving writes them back under those names.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -38,6 +42,7 @@ from .model import NemotronHForCausalLM
 # in memory as `experts.up_proj_weight_scale` etc. (see quant/quantize.py NVFP4Experts)
 _QSUFFIX = "weight_scale_2|weight_scale|input_scale"
 _EXPERT = re.compile(rf"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|{_QSUFFIX})$")
+_KV_SCALE = re.compile(r"^(.*\.mixer)\.(k_proj\.k_scale|v_proj\.v_scale)$")     # FP8 KV cache (ModelOpt names)
 _FUSED_EXPERT = re.compile(rf"^(.*\.mixer\.experts)\.(up_proj|down_proj)(?:_({_QSUFFIX}))?$")
 _FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -175,7 +180,8 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
         raise CheckpointError(f"model directory {path} " + ("is a file, not a directory (pass the folder holding "
                               "config.json and the safetensors)" if path.exists() else "does not exist"))
     config = config or NemotronConfig.from_json_file(path)
-    from .quant.modelopt import IGNORED_SUFFIXES, layout_from_tensors, read_quant_config
+    from .model.attention import Attention
+    from .quant.modelopt import layout_from_tensors, read_quant_config
     try:
         quant = read_quant_config(path, config.extra)
     except ValueError as e:
@@ -210,7 +216,8 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
 
     # Group per-expert tensors by (layer, projection); everything else maps by name.
     experts: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
-    direct, unexpected = {}, []
+    direct, unexpected, kv_names = {}, [], {}
+    attention = {n for n, m in model.named_modules() if isinstance(m, Attention)}
     for name in src.names():
         m = _EXPERT.match(name)
         fused = m and f"{m.group(1)}.{m.group(3)}" + ("" if m.group(4) == "weight" else f"_{m.group(4)}")
@@ -220,8 +227,8 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
             direct[name] = name
         elif name.startswith("mtp.") and not config.has_mtp:
             continue                     # as transformers: MTP weights ignored by a model without MTP
-        elif quant is not None and name.endswith(IGNORED_SUFFIXES):
-            continue                     # FP8 KV-cache scales: our KV cache is not quantized
+        elif quant is not None and (k := _KV_SCALE.match(name)) and k.group(1) in attention:
+            kv_names[(k.group(1), k.group(2)[0])] = name     # used only if the config declares an FP8 KV cache
         else:
             unexpected.append(name)
     if unexpected:
@@ -257,6 +264,20 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
             parts.append(t.to(device=device, dtype=qnames.get(fused) or dtype))
         _assign(model, fused, torch.stack(parts))
         del parts
+    if quant is not None and str(quant.get("kv_cache_quant_algo")).upper() == "FP8":
+        for n in attention:
+            mod = model.get_submodule(n)
+            for which in ("k", "v"):
+                value = 1.0
+                if (n, which) in kv_names:
+                    t = src.get(kv_names[(n, which)])
+                    if t.numel() != 1 or not t.is_floating_point():
+                        raise CheckpointError(f"{kv_names[(n, which)]}: an FP8 KV scale is one float, found "
+                                              f"{t.dtype} {tuple(t.shape)}")
+                    value = float(t.float())
+                if not (math.isfinite(value) and value > 0):
+                    raise CheckpointError(f"{n}.{which}_proj.{which}_scale = {value}: must be finite and > 0")
+                setattr(mod, f"{which}_scale", value)
     if tied or (config.tie_word_embeddings and quant is None
                 and torch.equal(model.lm_head.weight, model.backbone.embeddings.weight)):
         model.lm_head.weight = model.backbone.embeddings.weight
@@ -266,6 +287,7 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
 def checkpoint_state(model: NemotronHForCausalLM, dtype=None, fused_experts: bool = False) -> dict:
     """The tensors to write, under checkpoint names (per-expert unless `fused_experts`)."""
     dtype = parse_dtype(dtype)
+    from .quant.modelopt import kv_cache_scales
     from .quant.quantize import quant_state_names
     qnames = quant_state_names(model)          # packed codes, FP8 weights and scales keep their dtypes
     out = {}
@@ -284,6 +306,9 @@ def checkpoint_state(model: NemotronHForCausalLM, dtype=None, fused_experts: boo
                 out[f"{m.group(1)}.{e}.{m.group(2)}.{m.group(3) or 'weight'}"] = t[e].contiguous()
         else:
             out[name] = t.contiguous()
+    for n, (ks, vs) in kv_cache_scales(model).items():
+        out[f"{n}.k_proj.k_scale"] = torch.tensor(ks, dtype=torch.float32)
+        out[f"{n}.v_proj.v_scale"] = torch.tensor(vs, dtype=torch.float32)
     return out
 
 
@@ -297,9 +322,9 @@ def save(model: NemotronHForCausalLM, path: str | os.PathLike, dtype=None,
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     config = config.replace(torch_dtype=dtype_name.get(parse_dtype(dtype) or model.dtype, "float32"),
                             extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
-    from .quant.modelopt import config_block, write_hf_quant_config
+    from .quant.modelopt import config_block, kv_cache_scales, write_hf_quant_config
     from .quant.quantize import quantized_module_formats
-    if quantized_module_formats(model):       # ModelOpt layout: hf_quant_config.json + config quantization_config
+    if quantized_module_formats(model) or kv_cache_scales(model):   # ModelOpt layout: hf_quant_config.json + block
         if fused_experts:
             raise ValueError("quantized checkpoints are written per expert (ModelOpt layout); fused_experts=False")
         config.extra["quantization_config"] = config_block(write_hf_quant_config(model, path))

@@ -1,7 +1,8 @@
 """The `nemotron3` command. Subcommands follow vLLM's conventions (`nemotron3 serve MODEL --port 8000`).
 
-    nemotron3 info PRESET|PATH [--json] [--context N] [--recipe nvfp4|nvfp4-mixed]   parameter / memory accounting
-    nemotron3 quantize SRC DST --recipe nvfp4|nvfp4-mixed [--calib N]   ModelOpt-format NVFP4/FP8 checkpoint
+    nemotron3 info PRESET|PATH [--json] [--context N] [--recipe R] [--kv-cache-dtype D]   parameter / memory accounting
+    nemotron3 quantize SRC DST --recipe nvfp4|nvfp4-mixed|FILE.json [--calib N] [--kv-cache-dtype fp8]
+                                                        ModelOpt-format NVFP4/FP8 checkpoint (+ FP8 KV cache)
     nemotron3 generate [--model PATH] "prompt"          generation (greedy, or --temperature/--seed; MTP drafts)
     nemotron3 eval lm|ruler [MODEL] [...]               held-out LM quality / RULER long-context retrieval
     nemotron3 eval envs [MODEL] [--envs calc,code,format] [--n 50] [--mode off|regular|medium|budget=N]
@@ -44,18 +45,31 @@ def _config_for(target: str):
     raise SystemExit(f"error: {target!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
 
 
+def _info_kv_dtype(args, cfg) -> str:
+    """--kv-cache-dtype for `info`: auto = FP8 when the model directory declares it (kv_cache_quant_algo), else bf16."""
+    if args.kv_cache_dtype != "auto":
+        return args.kv_cache_dtype
+    if Path(args.model).is_dir():
+        from .quant.modelopt import read_quant_config
+        q = read_quant_config(Path(args.model), cfg.extra) or {}
+        if str(q.get("kv_cache_quant_algo")).upper() == "FP8":
+            return "fp8"
+    return "bfloat16"
+
+
 def cmd_info(args) -> None:
     from .presets import format_report, report_dict
     cfg, name, preset = _config_for(args.model)
     recipes = [args.recipe] if args.recipe else []
+    kv = _info_kv_dtype(args, cfg)
     if args.json:
-        out = report_dict(cfg, args.context, preset)
+        out = report_dict(cfg, args.context, preset, kv_cache_dtype=kv)
         if recipes:
             from .quant.recipe import bits_per_element
             out["quantization"] = bits_per_element(cfg, args.recipe)
         print(json.dumps(out, indent=2))
     else:
-        print(format_report(cfg, name, args.context, preset))
+        print(format_report(cfg, name, args.context, preset, kv_cache_dtype=kv))
         if recipes:
             from .quant.recipe import format_bits_report
             print(format_bits_report(cfg, args.recipe))
@@ -80,7 +94,7 @@ def cmd_quantize(args) -> None:
         tok = load_tokenizer(args.tokenizer or args.src)
         docs = (d["text"] for d in iter_documents(corpus / "train.jsonl"))
         batches = calibration_batches(docs, tok, args.calib, args.seq_len)
-    quantize_model(model, args.recipe, batches)
+    quantize_model(model, args.recipe, batches, kv_cache_dtype=args.kv_cache_dtype)
     dst = Path(args.dst)
     save(model, dst, dtype="bfloat16")
     for f in Path(args.src).iterdir():         # tokenizer, chat template, generation config
@@ -89,7 +103,8 @@ def cmd_quantize(args) -> None:
             shutil.copy2(f, dst / f.name)
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     calib = f"calibrated on {len(batches)} batches" if batches else "no input_scale (W4A16)"
-    print(f"wrote {dst} ({args.recipe}, {calib}); "
+    kv = ", FP8 KV cache" if args.kv_cache_dtype == "fp8" else ""
+    print(f"wrote {dst} ({args.recipe}, {calib}{kv}); "
           f"safetensors {size / 2**20:.1f} MiB")
     print(format_bits_report(model.config, args.recipe))
 
@@ -117,7 +132,8 @@ def cmd_generate(args) -> None:
 
 def _engine_kwargs(args) -> dict:
     return dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                num_speculative_tokens=args.num_speculative_tokens, dtype=args.dtype)
+                num_speculative_tokens=args.num_speculative_tokens, dtype=args.dtype,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def cmd_serve(args) -> None:
@@ -132,7 +148,7 @@ def cmd_serve(args) -> None:
                      max_pending=args.max_pending, max_body_bytes=args.max_request_bytes)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API under /v1); "
-          f"decode: {llm.engine.decode_path()}", flush=True)
+          f"decode: {llm.engine.decode_path()}; K/V cache {llm.engine.cache.kv_dtype}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -150,6 +166,13 @@ def _engine_args(s) -> None:
     s.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (cache slots)")
     s.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _kv_arg(s, "K/V cache storage (vLLM's flag): auto = the checkpoint's (FP8 when it declares "
+               "kv_cache_quant_algo FP8) or the model dtype")
+
+
+def _kv_arg(s, help_text: str) -> None:
+    from .model.cache import KV_CACHE_DTYPES
+    s.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=help_text)
 
 
 def _sandbox_arg(s) -> None:
@@ -268,15 +291,20 @@ def main(argv=None) -> None:
     s.add_argument("model", help="preset name (tiny, nano, super, ultra) or model directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--context", type=int, default=None, help="context length for the per-sequence cache report")
-    s.add_argument("--recipe", default=None, choices=["nvfp4", "nvfp4-mixed"],
-                   help="also report bits per element under this quantization recipe")
+    s.add_argument("--recipe", default=None, metavar="nvfp4|nvfp4-mixed|FILE.json",
+                   help="also report bits per element under this quantization recipe (a built-in or a recipe file)")
+    _kv_arg(s, "K/V bytes per element in the cache report: auto = fp8 (1 byte) when the model directory "
+               "declares an FP8 KV cache, else bfloat16 (2)")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("quantize", help="NVFP4 / FP8 post-training quantization to a ModelOpt-format checkpoint")
     s.add_argument("src", help="BF16/FP32 model directory")
     s.add_argument("dst", help="output directory")
-    s.add_argument("--recipe", required=True, choices=["nvfp4", "nvfp4-mixed"],
-                   help="nvfp4: as Nemotron 3 Nano NVFP4; nvfp4-mixed: as Super/Ultra (experts NVFP4, FP8, BF16)")
+    s.add_argument("--recipe", required=True, metavar="nvfp4|nvfp4-mixed|FILE.json",
+                   help="nvfp4: as Nemotron 3 Nano NVFP4; nvfp4-mixed: as Super/Ultra (experts NVFP4, FP8, BF16); "
+                        "or a recipe file of per-module rules (README, NVFP4 section)")
+    _kv_arg(s, "fp8: declare an FP8 E4M3 KV cache (kv_cache_quant_algo FP8, k_scale/v_scale from --calib, "
+               "else 1.0); auto/bfloat16: KV cache not quantized")
     s.add_argument("--calib", type=int, default=0, help="calibration batches of real text for input_scale (0 = none)")
     s.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
     s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SRC)")

@@ -213,6 +213,7 @@ def count_parameters(cfg: NemotronConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+KV_BYTES = {"bfloat16": 2, "fp8": 1}        # K/V element bytes per `kv_cache_dtype` (fp8: E4M3, NVFP4 checkpoints)
 
 
 def cache_bytes(cfg: NemotronConfig, context_len: int, batch: int = 1, kv_dtype_bytes: int = 2,
@@ -250,8 +251,12 @@ def cache_bytes(cfg: NemotronConfig, context_len: int, batch: int = 1, kv_dtype_
 # Reports
 # ---------------------------------------------------------------------------------------------------------
 
-def report_dict(cfg: NemotronConfig, context_len: int | None = None, cfg_name: str | None = None) -> dict:
-    """Everything `format_report` shows, JSON-serialisable (`nemotron3 info --json`)."""
+def report_dict(cfg: NemotronConfig, context_len: int | None = None, cfg_name: str | None = None,
+                kv_cache_dtype: str = "bfloat16") -> dict:
+    """Everything `format_report` shows, JSON-serialisable (`nemotron3 info --json`); `kv_cache_dtype`
+    "bfloat16" or "fp8" sets the K/V element size (2 or 1 bytes)."""
+    if kv_cache_dtype not in KV_BYTES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r} for the cache report; use one of {list(KV_BYTES)}")
     ctx = context_len or cfg.max_position_embeddings
     params = count_parameters(cfg)
     return {"total_params": params["total_params"], "active_params": params["active_params"],
@@ -261,7 +266,8 @@ def report_dict(cfg: NemotronConfig, context_len: int | None = None, cfg_name: s
                        "num_experts_per_tok": cfg.num_experts_per_tok, "moe_latent_size": cfg.moe_latent_size,
                        "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
                        "mtp_pattern": cfg.mtp_pattern if cfg.has_mtp else None},
-            "params": params, "cache": cache_bytes(cfg, ctx)}
+            "params": params, "kv_cache_dtype": kv_cache_dtype,
+            "cache": cache_bytes(cfg, ctx, kv_dtype_bytes=KV_BYTES[kv_cache_dtype])}
 
 
 def _n(x: float) -> str:
@@ -279,10 +285,10 @@ def _b(x: float) -> str:
 
 
 def format_report(cfg: NemotronConfig, name: str = "model", context_len: int | None = None,
-                  preset: str | None = None) -> str:
-    """A readable text table: params by kind (active vs total), bf16 size, cache bytes at a context; with
-    `preset`, that preset's fields inferred without a primary source."""
-    r = report_dict(cfg, context_len)
+                  preset: str | None = None, kv_cache_dtype: str = "bfloat16") -> str:
+    """A readable text table: params by kind (active vs total), bf16 size, cache bytes at a context (K/V in
+    `kv_cache_dtype`); with `preset`, that preset's fields inferred without a primary source."""
+    r = report_dict(cfg, context_len, kv_cache_dtype=kv_cache_dtype)
     p, c = r["params"], r["cache"]
     lc = p["layer_counts"]
     lines = [f"{name}: {cfg.num_hidden_layers} layers ({lc['M']} M / {lc['E']} E / {lc['*']} * / {lc['-']} -), "
@@ -302,7 +308,8 @@ def format_report(cfg: NemotronConfig, name: str = "model", context_len: int | N
     lines.append(f"  active per token excl. input embedding (no MTP): {_n(a)} ({a:,})")
     lines.append(f"  bf16 weights: {p['bytes_bf16'] / 1e9:.1f} GB ({_b(p['bytes_bf16'])}); router bias buffers "
                  f"{p['buffers']['e_score_correction_bias'] + p['buffers']['mtp_e_score_correction_bias']:,} fp32")
-    lines.append(f"  cache per sequence at context {c['context_len']:,} (KV {c['attention_layers']} layers bf16, "
+    kv = {"bfloat16": "bf16", "fp8": "fp8 e4m3"}[kv_cache_dtype]
+    lines.append(f"  cache per sequence at context {c['context_len']:,} (KV {c['attention_layers']} layers {kv}, "
                  f"SSM {cfg.mamba_ssm_cache_dtype}, conv bf16):")
     lines.append(f"    ssm state {_b(c['ssm_state_bytes'])} + conv state {_b(c['conv_state_bytes'])} + "
                  f"KV {_b(c['kv_bytes'])} ({_b(c['kv_bytes_per_token'])}/token) = {_b(c['total_bytes'])}")

@@ -16,7 +16,7 @@ from nemotron3.presets import get_preset
 from nemotron3.quant import FP8Linear, NVFP4Linear
 from nemotron3.quant.modelopt import config_block, read_quant_config
 from nemotron3.quant.quantize import NVFP4Experts, quantize_model, quantized_module_formats
-from nemotron3.quant.recipe import bits_per_element, nvfp4_mixed_recipe, nvfp4_recipe, pre_attention_mamba
+from nemotron3.quant.recipe import bits_per_element, get_recipe, mamba_before_attention
 from helpers import randomize
 
 
@@ -39,7 +39,8 @@ IDS = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
 # ------------------------------------------------------------------------------------------------ recipes
 def test_nano_recipe_matches_nvidia_exclude_list():
     cfg = get_preset("nano")
-    assert sorted(pre_attention_mamba(cfg)) == [4, 11, 18, 25, 32, 41]          # hf_quant_config.json (§3.1)
+    nvfp4_recipe = get_recipe("nvfp4")
+    assert sorted(mamba_before_attention(cfg)) == [4, 11, 18, 25, 32, 41]       # hf_quant_config.json (§3.1)
     L = "backbone.layers.{}.mixer.{}"
     assert nvfp4_recipe(cfg, L.format(4, "in_proj")) == nvfp4_recipe(cfg, L.format(41, "out_proj")) == "bf16"
     assert nvfp4_recipe(cfg, L.format(0, "in_proj")) == nvfp4_recipe(cfg, L.format(2, "out_proj")) == "nvfp4"
@@ -55,6 +56,7 @@ def test_nano_recipe_matches_nvidia_exclude_list():
 
 def test_mixed_recipe_as_super_ultra():
     cfg = get_preset("super")
+    nvfp4_mixed_recipe = get_recipe("nvfp4-mixed")
     L = "backbone.layers.{}.mixer.{}"
     i_m, i_e, i_a = cfg.pattern.index("M"), cfg.pattern.index("E"), cfg.pattern.index("*")
     assert nvfp4_mixed_recipe(cfg, L.format(i_e, "experts")) == "nvfp4"
@@ -341,7 +343,15 @@ def test_config_json_block_is_modelopts_converted_form(recipe, calib, tmp_path):
     v = _vllm_view(qc)
     assert v["quant_algo"] == qz["quant_algo"] and v["kv"] is None
     if qz["quant_algo"] == "MIXED_PRECISION":
-        assert v["layers"] == qz["quantized_layers"] and v["exclude"] == [] and "config_groups" not in qc
+        assert v["layers"] == qz["quantized_layers"] and v["exclude"] == []
+        # as NVIDIA's Super NVFP4 config.json: one group per layer format (first seen first), targets sorted
+        fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
+        fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+        g = qc["config_groups"]
+        assert list(qc)[:3] == ["config_groups", "quantized_layers", "ignore"]
+        assert g["group_0"] == {"input_activations": fp8, "weights": fp8, "targets": sorted(
+            n for n, spec in qz["quantized_layers"].items() if spec["quant_algo"] == "FP8")}
+        assert g["group_1"]["weights"] == fp4 and "backbone.layers.2.mixer.experts.7.up_proj" in g["group_1"]["targets"]
     else:
         assert qz["quant_algo"] == ("NVFP4" if calib else "W4A16_NVFP4")
         assert set(qz) == {"quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules"}  # vLLM's required

@@ -87,7 +87,8 @@ class LLMEngine:
                  num_speculative_tokens: int = 0, enable_prefix_caching: bool = True,
                  prefix_cache_bytes: int = 256 << 20, block_size: int = 64, seed: int = 0,
                  reasoning_tokens: ReasoningTokens | None = None,
-                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True):
+                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
+                 kv_cache_dtype: str = "auto"):
         cfg = model.config
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs!r}")
@@ -124,8 +125,10 @@ class LLMEngine:
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
         self.medium_thinking_budget = medium_thinking_budget
-        self.cache = HybridCache(cfg, max_num_seqs, max_len=min(self.max_model_len + k, 256),
-                                 dtype=model.dtype, device=model.device)
+        # kv_cache_dtype (vLLM's flag): auto = the checkpoint's declaration (FP8 K/V with its scales) or the model
+        # dtype; bfloat16; fp8 (HybridCache.for_model)
+        self.cache = HybridCache.for_model(model, max_num_seqs, max_len=min(self.max_model_len + k, 256),
+                                           kv_cache_dtype=kv_cache_dtype)
         self.cache.capacity_limit = self.max_model_len + k
         self.prefix_cache = PrefixCache(prefix_cache_bytes, block_size) if enable_prefix_caching else None
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, k,
@@ -154,7 +157,8 @@ class LLMEngine:
         self._head_t, self._head_key = None, None
         # batch-1 decode fast path (decode_plan.py), built on first use for fp32 CPU models; the full
         # weight check (parameters replaced, not only updated) runs once per added request
-        self.fast_decode = fast_decode
+        # (the plan reads and writes K/V in the activation dtype: other K/V storage takes the batched forward)
+        self.fast_decode = fast_decode and self.cache.kv_dtype == self.cache.dtype
         self._plan: DecodePlan | None = None
         self._plan_full_check = True
 

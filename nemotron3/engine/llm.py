@@ -67,21 +67,25 @@ class LLM:
 
     LLM(model_path_or_model, tokenizer=None, max_num_seqs=16, max_model_len=None (config's
     max_position_embeddings), num_speculative_tokens=0, enable_prefix_caching=True, dtype=None,
-    fast_decode=True (small-batch decode through `decode_plan.py`'s DecodePlan on fp32 CPU models), ...)
+    fast_decode=True (small-batch decode through `decode_plan.py`'s DecodePlan on fp32 CPU models),
+    kv_cache_dtype="auto" | "bfloat16" | "fp8" (vLLM's; auto = the checkpoint's FP8 KV declaration or the
+    model dtype), ...)
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  num_speculative_tokens: int = 0, enable_prefix_caching: bool = True, dtype=None,
                  max_num_batched_tokens: int | None = None, prefix_cache_bytes: int = 256 << 20,
                  block_size: int = 64, seed: int = 0, reasoning_tokens: ReasoningTokens | None = None,
-                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True):
+                 medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
+                 kv_cache_dtype: str = "auto"):
         net, tok = load_model(model, tokenizer, dtype)
         self.engine = LLMEngine(net, tok, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 num_speculative_tokens=num_speculative_tokens,
                                 enable_prefix_caching=enable_prefix_caching, prefix_cache_bytes=prefix_cache_bytes,
                                 block_size=block_size, seed=seed, reasoning_tokens=reasoning_tokens,
-                                medium_thinking_budget=medium_thinking_budget, fast_decode=fast_decode)
+                                medium_thinking_budget=medium_thinking_budget, fast_decode=fast_decode,
+                                kv_cache_dtype=kv_cache_dtype)
         self._counter = 0
 
     @property

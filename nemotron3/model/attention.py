@@ -8,6 +8,11 @@ matrix for plain causal prefill. Chunked prefill (new queries after a cached pre
 on the prefix and on the chunk separately and merges them by log-sum-exp (`prefix_causal_attention`), so a
 128K context never materialises a [chunk, 128K] mask or score matrix on CPU; ragged batches (rows at
 different positions: continuous-batching decode, speculative verification) keep an explicit bool mask.
+
+`k_scale` / `v_scale` (fp32 numbers, None by default) are a checkpoint's FP8 KV-cache scales (ModelOpt's
+`...k_proj.k_scale` / `...v_proj.v_scale`): set, they declare that this layer's K/V are stored in FP8 E4M3. The
+module itself never applies them; the cache does (`HybridCache.for_model`, quantize on write, dequantize on read).
+They are plain attributes, not buffers, so `.to(dtype)` never rounds them.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_q * self.head_dim, c.hidden_size, bias=False)
+        self.k_scale: float | None = None
+        self.v_scale: float | None = None
 
     def forward(self, x: torch.Tensor, kv=None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, d]. `kv` is a callable (k, v) -> (keys, values, mask) storing the new k/v in a cache

@@ -17,9 +17,17 @@ for Mamba, keeping the state recorded after the last accepted position: a forwar
 A slot's whole state at some length (Mamba states + K/V up to that length, the MTP block's K/V up to
 its own length) can be copied out (`snapshot`), put back into any slot (`restore`) or copied between
 slots (`copy_slot`): the engine's prefix cache and slot compaction are built on these.
+
+K/V storage (`kv_dtype`) may differ from the activation dtype: `bfloat16`, or FP8 E4M3 as NVIDIA's NVFP4
+checkpoints declare (`kv_cache_quant_algo: "FP8"`) and vLLM stores it: quantize on write
+(`k / k_scale`, saturated to +-448), dequantize on read (`* k_scale`), one fp32 scale per layer for K and one for
+V (the checkpoint's `...k_proj.k_scale` / `...v_proj.v_scale`, 1.0 when absent). The scales are constants of
+the cache, so snapshots, slot copies and rollbacks move the stored bytes unchanged. `HybridCache.for_model`
+resolves vLLM's `kv_cache_dtype` flag (`auto` = what the checkpoint declares, else the activation dtype).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,14 +35,21 @@ import torch
 from ..config import NemotronConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8")        # vLLM's --kv-cache-dtype spellings we support
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
 
 
 class HybridCache:
     def __init__(self, config: NemotronConfig, num_slots: int = 1, max_len: int = 256,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kv_dtype: torch.dtype | None = None, kv_scales: dict[int, tuple[float, float]] | None = None):
+        """`dtype`: activations (conv state, K/V as attention reads them); `kv_dtype`: K/V storage (default
+        `dtype`); `kv_scales`: {attention cache index: (k_scale, v_scale)} for FP8 storage (1.0 when absent)."""
         self.config = config
         self.num_slots = num_slots
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
         self.device = torch.device(device)
         c = config
         ssm_dtype = _DTYPES[c.mamba_ssm_cache_dtype]
@@ -58,8 +73,46 @@ class HybridCache:
                                           dtype=ssm_dtype, device=device)
             elif kind == "*":
                 shape = (num_slots, c.num_key_value_heads, max(1, max_len), c.head_dim)
-                self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
-                self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.k[i] = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+                self.v[i] = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        scales = kv_scales or {}
+        self.kv_scales = {i: tuple(float(s) for s in scales.get(i, (1.0, 1.0))) for i in self.k}
+        bad = {i: s for i, s in self.kv_scales.items() if not all(math.isfinite(x) and x > 0 for x in s)}
+        if bad:
+            raise ValueError(f"K/V scales must be finite and > 0, got {bad}")
+
+    @classmethod
+    def for_model(cls, model, num_slots: int = 1, max_len: int = 256, kv_cache_dtype: str = "auto") -> "HybridCache":
+        """A cache for `model` (its dtype and device). `kv_cache_dtype` (vLLM's flag): "auto" = FP8 when the
+        model's attention layers carry K/V scales (a checkpoint declaring `kv_cache_quant_algo: FP8`), else the
+        model dtype; "bfloat16"; "fp8" (the model's scales, 1.0 where it has none)."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
+        n = model.config.num_hidden_layers
+        attn = {i: b.mixer for i, b in enumerate(model.backbone.layers) if b.kind == "*"}
+        if model.mtp is not None:
+            attn.update({n + j: b.mixer for j, b in enumerate(model.mtp.layers) if b.kind == "*"})
+        declared = any(m.k_scale is not None for m in attn.values())
+        kv = {"auto": FP8 if declared else None, "bfloat16": torch.bfloat16, "fp8": FP8}[kv_cache_dtype]
+        scales = {i: (1.0 if m.k_scale is None else m.k_scale, 1.0 if m.v_scale is None else m.v_scale)
+                  for i, m in attn.items()} if kv == FP8 else None
+        return cls(model.config, num_slots, max_len, dtype=model.dtype, device=model.device, kv_dtype=kv,
+                   kv_scales=scales)
+
+    def kv_store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New K/V as stored: cast to `kv_dtype`, FP8 quantized as `x / scale` saturated to +-448."""
+        if self.kv_dtype != FP8:
+            return k.to(self.kv_dtype), v.to(self.kv_dtype)
+        ks, vs = self.kv_scales[layer]
+        return ((k.float() / ks).clamp_(-FP8_MAX, FP8_MAX).to(FP8),
+                (v.float() / vs).clamp_(-FP8_MAX, FP8_MAX).to(FP8))
+
+    def kv_load(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored K/V as attention reads them: FP8 dequantized (`x * scale`) to the activation dtype."""
+        if self.kv_dtype != FP8:
+            return k, v
+        ks, vs = self.kv_scales[layer]
+        return k.to(self.dtype).mul_(ks), v.to(self.dtype).mul_(vs)
 
     def _layers(self):
         """(cache index, kind) for every stateful layer: the backbone's, then the MTP block's."""
@@ -251,17 +304,18 @@ class CacheRows:
         end = int(self.start.max()) + T
         c.ensure_capacity(end, layer)
         kb, vb = c.k[layer], c.v[layer]
+        k, v = c.kv_store(layer, k, v)
         uniform = bool((self.start == self.start[0]).all())
         if uniform:
             s = int(self.start[0])
-            kb[self._idx, :, s:s + T] = k.to(kb.dtype)
-            vb[self._idx, :, s:s + T] = v.to(vb.dtype)
+            kb[self._idx, :, s:s + T] = k
+            vb[self._idx, :, s:s + T] = v
         else:
             pos = (self.start[:, None] + torch.arange(T)).to(c.device)          # [B, T]
             rows = self.slots.to(c.device)[:, None]
-            kb[rows, :, pos] = k.transpose(1, 2).to(kb.dtype)                    # indexed view is [B, T, n_kv, hd]
-            vb[rows, :, pos] = v.transpose(1, 2).to(vb.dtype)
-        keys, values = kb[self._idx, :, :end], vb[self._idx, :, :end]
+            kb[rows, :, pos] = k.transpose(1, 2)                                 # indexed view is [B, T, n_kv, hd]
+            vb[rows, :, pos] = v.transpose(1, 2)
+        keys, values = c.kv_load(layer, kb[self._idx, :, :end], vb[self._idx, :, :end])
         if uniform and (int(self.start[0]) == 0 or T == 1):
             return keys, values, None          # plain causal prefill, or one query that sees every key
         if uniform:

@@ -12,6 +12,10 @@
   NVFP4 inputs and ``amax / 448`` for FP8 (reference §1.2 / §2.2). Fused groups (attention q/k/v) that are
   quantized share ``weight_scale_2`` (NVFP4) or ``weight_scale`` (FP8) = the group's max, as ModelOpt's export
   (``preprocess_linear_fusion``) and TRT-LLM's assertion require, and their (identical-input) ``input_scale``.
+  ``kv_cache_dtype="fp8"`` also declares an FP8 KV cache: every attention layer (MTP included) gets
+  ``k_scale`` / ``v_scale`` = the calibrated amax of its k_proj / v_proj output / 448 (ModelOpt's unified HF
+  export: ``postprocess_state_dict`` divides the ``k_bmm_quantizer`` amax by 448 and does not clamp), 1.0
+  without calibration. Calibration runs the MTP block too (``forward_mtp``), so its layers are calibrated alike.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from torch import nn
 from . import nvfp4
 from .linear import FP8Linear, KeepQuantDtypes, NVFP4Linear
 from .recipe import get_recipe
+from ..model.attention import Attention
+from ..model.cache import KV_CACHE_DTYPES
 from ..model.moe import Experts, dispatch_experts, relu2
 
 QUANT_MODULES = (NVFP4Linear, FP8Linear)
@@ -86,8 +92,9 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _calibrate(model, formats: dict[str, str], batches) -> dict[str, torch.Tensor]:
-    """Max calibration: input amax of each quantized module (per expert [E] for routed experts)."""
+def _calibrate(model, formats: dict[str, str], batches, kv: bool = False) -> dict[str, torch.Tensor]:
+    """Max calibration: input amax of each quantized module (per expert [E] for routed experts); with ``kv``
+    also the K and V amax of each attention layer (``{attention}.k_scale`` / ``.v_scale`` keys)."""
     amax: dict[str, torch.Tensor] = {}
 
     def keep(name, v):
@@ -108,11 +115,20 @@ def _calibrate(model, formats: dict[str, str], batches) -> dict[str, torch.Tenso
             keep(name + ".down_proj", down)
         return hook
 
+    def output_hook(name):
+        return lambda mod, args, out: keep(name, out.detach().abs().amax().float())
+
     handles = [m.register_forward_hook(experts_hook(n) if isinstance(m, Experts) else linear_hook(n))
                for n, m in model.named_modules() if formats.get(n, "bf16") != "bf16"]
+    if kv:
+        for n, m in model.named_modules():
+            if isinstance(m, Attention):
+                handles += [m.k_proj.register_forward_hook(output_hook(f"{n}.k_scale")),
+                            m.v_proj.register_forward_hook(output_hook(f"{n}.v_scale"))]
     try:
         for b in batches:
-            model(b.to(model.device))
+            b = b.to(model.device)
+            model.forward_mtp(b, 1) if model.mtp is not None else model(b)
     finally:
         for h in handles:
             h.remove()
@@ -124,12 +140,17 @@ def _input_scale(amax: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, recipe, calib_batches=None) -> nn.Module:
-    """Swap the model's linears / routed experts for quantized modules in place, following ``recipe`` (a name in
-    ``quant.recipe.RECIPES`` or a callable (config, module name) -> format). ``calib_batches``: an iterable of
-    [B, T] token-id tensors run through the BF16 model first to set ``input_scale``. Returns ``model``."""
+def quantize_model(model: nn.Module, recipe, calib_batches=None, kv_cache_dtype: str = "auto") -> nn.Module:
+    """Swap the model's linears / routed experts for quantized modules in place, following ``recipe`` (a built-in
+    name, a recipe file or a callable (config, module name) -> format; ``quant.recipe``). ``calib_batches``: an
+    iterable of [B, T] token-id tensors run through the BF16 model first to set ``input_scale`` (and the K/V
+    scales). ``kv_cache_dtype`` "fp8" declares an FP8 KV cache; "auto" / "bfloat16" leave it unquantized.
+    Returns ``model``."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
+    kv = kv_cache_dtype == "fp8"
     formats = module_formats(model, recipe)
-    amax = _calibrate(model, formats, calib_batches) if calib_batches is not None else {}
+    amax = _calibrate(model, formats, calib_batches, kv) if calib_batches is not None else {}
     shared: dict[str, torch.Tensor] = {}          # fused group members -> shared weight global scale
     for name, fmt in formats.items():
         parent, _, leaf = name.rpartition(".")
@@ -163,7 +184,16 @@ def quantize_model(model: nn.Module, recipe, calib_batches=None) -> nn.Module:
             if name in amax:
                 new.input_scale = _input_scale(amax[name], fmt).reshape(()).to(new.weight.device)
         _set(model, name, new)
+    if kv:
+        for name, m in model.named_modules():
+            if isinstance(m, Attention):
+                m.k_scale, m.v_scale = (_kv_scale(amax.get(f"{name}.{s}")) for s in ("k_scale", "v_scale"))
     return model
+
+
+def _kv_scale(amax: torch.Tensor | None) -> float:
+    """ModelOpt's FP8 KV scale: amax / 448 (1.0 uncalibrated, or for a layer whose K/V were all zero)."""
+    return float(amax) / nvfp4.E4M3_MAX if amax is not None and float(amax) > 0 else 1.0
 
 
 def quantized_module_formats(model: nn.Module) -> dict[str, str]:

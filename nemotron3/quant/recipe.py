@@ -1,22 +1,36 @@
-"""Quantization recipes: (config, module name) -> "nvfp4" | "fp8" | "bf16", and an analytic bits-per-element report.
+"""Quantization recipes: ordered per-module rules (module name -> "nvfp4" | "fp8" | "bf16"), first match wins,
+and an analytic bits-per-element report.
 
-Module names are ours = the checkpoint's (`backbone.layers.{i}.mixer.in_proj`, `...mixer.experts` for the fused
-routed experts, whose on-disk names `...mixer.experts.{e}.up_proj` are accepted too). Anything that is not a
-linear (embeddings, norms, Mamba `conv1d`, A_log/D/dt_bias, the `TopkRouter` `mixer.gate`) is always "bf16".
-Reference: `shared/reference/nvfp4.md` §3.
+A recipe is data, a JSON file (the built-ins ``nvfp4`` and ``nvfp4-mixed`` are ``recipes/*.json`` next to this
+module), because NVIDIA's own maps are not uniform per module kind (Super's MIXED_PRECISION checkpoint keeps Mamba
+``in_proj`` FP8 in some layers and BF16 in others, two attention ``o_proj`` FP8, ...)::
 
-* ``nvfp4`` (NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4, `hf_quant_config.json` quant_algo NVFP4, §3.1): every linear
-  NVFP4 except `lm_head`, all attention q/k/v/o_proj, and the Mamba in_proj/out_proj of the Mamba layer just
-  before each attention layer (Nano excludes layers {4,11,18,...}.mixer.{in,out}_proj before {5,12,19,...}; when
-  an attention layer is not directly preceded by a Mamba layer we take the nearest preceding one). Routers,
-  conv1d, latent-MoE projections (ModelOpt's `mamba_moe_nvfp4` presets disable them) and MTP stay BF16.
-* ``nvfp4-mixed`` (Super/Ultra, ModelOpt `Nemotron-3-Super-120B-A12B-BF16/ptq/nvfp4-max-calib.yaml`, exported as
-  MIXED_PRECISION, §3.2): routed experts (`*mixer.experts.*`) NVFP4, shared experts and Mamba in/out_proj FP8
-  per-tensor; everything else (attention, embeddings, lm_head, routers, latent projections, dense MLPs, MTP) BF16.
+    {"name": "my-recipe",                       optional; default: the file name without .json
+     "description": "...",                      optional
+     "default": "bf16",                         optional; the format of a linear no rule matches
+     "rules": [                                 tried in order, the first matching rule decides
+       {"modules": "backbone.layers.*.mixer.experts", "format": "nvfp4"},
+       {"modules": ["backbone.layers.*.mixer.in_proj", "backbone.layers.*.mixer.out_proj"],
+        "layers": [0, 2, 4], "format": "fp8"},
+       {"regex": "backbone\\\\.layers\\\\.(1|3)\\\\.mixer\\\\.o_proj", "format": "fp8"}]}
+
+A rule has ``modules`` (one glob or a list, ``fnmatch``: ``*`` also spans dots, as ModelOpt's and vLLM's
+patterns) or ``regex`` (a full match), an optional ``layers`` (backbone layer indices, or
+``"mamba_before_attention"``: the Mamba layer nearest before each attention layer, which Nano keeps in BF16; a rule
+with ``layers`` never matches names outside ``backbone.layers``) and a ``format``. Names are the checkpoint's
+module names (``backbone.layers.{i}.mixer.in_proj``, ``mtp.layers.{j}.mixer.q_proj``, ``lm_head``); the routed
+experts of a layer are one module, ``backbone.layers.{i}.mixer.experts`` (its on-disk names
+``...experts.{e}.up_proj`` match the same rules), NVFP4 or BF16. Only linears and routed experts follow a
+recipe: embeddings, norms, Mamba ``conv1d``, A_log/D/dt_bias and the router (``mixer.gate``) stay BF16.
+Reference: ``shared/reference/nvfp4.md`` §3.
 """
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,16 +42,15 @@ FORMATS = ("nvfp4", "fp8", "bf16")
 ELEMENT_BITS = {"nvfp4": 4 + 8 / 16, "fp8": 8.0, "bf16": 16.0}
 # fp32 scalars per stored tensor: NVFP4 weight_scale_2 + input_scale, FP8 weight_scale + input_scale
 TENSOR_BITS = {"nvfp4": 64, "fp8": 64, "bf16": 0}
+BUILTIN_DIR = Path(__file__).parent / "recipes"
+LAYER_SETS = ("mamba_before_attention",)
 
-_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.mixer\.(.+)$")
+_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
+_RULE_KEYS = {"modules", "regex", "layers", "format"}
+_RECIPE_KEYS = {"name", "description", "default", "rules"}
 
 
-def _split(name: str):
-    m = _LAYER.match(name)
-    return (int(m.group(1)), m.group(2)) if m else (None, name)
-
-
-def pre_attention_mamba(config: NemotronConfig) -> set[int]:
+def mamba_before_attention(config: NemotronConfig) -> set[int]:
     """Indices of the Mamba layer nearest before each attention layer (Nano NVFP4 keeps these in BF16)."""
     out = set()
     for i, ch in enumerate(config.pattern):
@@ -48,49 +61,115 @@ def pre_attention_mamba(config: NemotronConfig) -> set[int]:
     return out
 
 
-def _is_expert(sub: str) -> bool:
-    return sub == "experts" or sub.startswith("experts.")
+@dataclass(frozen=True)
+class Rule:
+    globs: tuple[str, ...]
+    regex: re.Pattern | None
+    layers: frozenset[int] | str | None
+    format: str
+
+    def matches(self, config: NemotronConfig, name: str) -> bool:
+        if self.layers is not None:
+            m = _LAYER.match(name)
+            if m is None:
+                return False
+            chosen = mamba_before_attention(config) if self.layers == "mamba_before_attention" else self.layers
+            if int(m.group(1)) not in chosen:
+                return False
+        if self.regex is not None:
+            return self.regex.fullmatch(name) is not None
+        return any(fnmatchcase(name, g) for g in self.globs)
 
 
-def nvfp4_recipe(config: NemotronConfig, name: str) -> str:
-    """Nano NVFP4 recipe (see module docstring)."""
-    i, sub = _split(name)
-    if i is None:                                   # lm_head, embeddings, norm_f, mtp.*
-        return "bf16"
-    kind = config.pattern[i]
-    if kind == "M":
-        return ("bf16" if i in pre_attention_mamba(config) else "nvfp4") if sub in ("in_proj", "out_proj") else "bf16"
-    if kind == "E":
-        return "nvfp4" if _is_expert(sub) or sub.startswith("shared_experts.") and sub.endswith("_proj") else "bf16"
-    if kind == "-":
-        return "nvfp4" if sub in ("up_proj", "down_proj") else "bf16"
-    return "bf16"                                   # attention
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered rule list; ``recipe(config, module name) -> format`` (the callable form quantize_model takes)."""
+    name: str
+    rules: tuple[Rule, ...]
+    default: str = "bf16"
+    description: str = ""
+
+    def __call__(self, config: NemotronConfig, name: str) -> str:
+        for rule in self.rules:
+            if rule.matches(config, name):
+                return rule.format
+        return self.default
+
+    @classmethod
+    def from_dict(cls, data, source: str = "recipe") -> "Recipe":
+        """Validate and build; ValueError naming ``source`` and the offending rule on any bad field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a recipe is a JSON object with a 'rules' list, got {type(data).__name__}")
+        unknown = set(data) - _RECIPE_KEYS
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {sorted(unknown)} (allowed: {sorted(_RECIPE_KEYS)})")
+        default = data.get("default", "bf16")
+        _check_format(default, f"{source}: default")
+        rules = data.get("rules")
+        if not isinstance(rules, list):
+            raise ValueError(f"{source}: 'rules' must be a list of rule objects")
+        return cls(str(data.get("name") or Path(source).stem), tuple(_rule(r, f"{source}: rule {k}")
+                                                                     for k, r in enumerate(rules)),
+                   default, str(data.get("description", "")))
+
+    @classmethod
+    def from_file(cls, path) -> "Recipe":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, str(path))
 
 
-def nvfp4_mixed_recipe(config: NemotronConfig, name: str) -> str:
-    """Super/Ultra MIXED_PRECISION recipe (see module docstring)."""
-    i, sub = _split(name)
-    if i is None:
-        return "bf16"
-    kind = config.pattern[i]
-    if kind == "M" and sub in ("in_proj", "out_proj"):
-        return "fp8"
-    if kind == "E" and _is_expert(sub):
-        return "nvfp4"
-    if kind == "E" and sub in ("shared_experts.up_proj", "shared_experts.down_proj"):
-        return "fp8"
-    return "bf16"
+def _check_format(fmt, where: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"{where}: unknown format {fmt!r} (formats: {', '.join(FORMATS)})")
 
 
-RECIPES: dict[str, Callable[[NemotronConfig, str], str]] = {"nvfp4": nvfp4_recipe, "nvfp4-mixed": nvfp4_mixed_recipe}
+def _rule(r, where: str) -> Rule:
+    if not isinstance(r, dict):
+        raise ValueError(f"{where}: a rule is an object with 'modules' or 'regex' and 'format'")
+    unknown = set(r) - _RULE_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(_RULE_KEYS)})")
+    if ("modules" in r) == ("regex" in r):
+        raise ValueError(f"{where}: give exactly one of 'modules' (glob or list of globs) and 'regex'")
+    _check_format(r.get("format"), where)
+    globs = r.get("modules", ())
+    globs = (globs,) if isinstance(globs, str) else globs
+    if not isinstance(globs, (list, tuple)) or not all(isinstance(g, str) for g in globs):
+        raise ValueError(f"{where}: 'modules' must be a glob string or a list of them")
+    regex = None
+    if "regex" in r:
+        try:
+            regex = re.compile(r["regex"])
+        except (re.error, TypeError) as e:
+            raise ValueError(f"{where}: bad regex {r['regex']!r} ({e})") from None
+    layers = r.get("layers")
+    if isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        layers = frozenset(layers)
+    elif layers is not None and layers not in LAYER_SETS:
+        raise ValueError(f"{where}: 'layers' must be a list of layer indices or one of {list(LAYER_SETS)}, "
+                         f"got {layers!r}")
+    return Rule(tuple(globs), regex, layers, r["format"])
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.json"))}
 
 
 def get_recipe(recipe) -> Callable[[NemotronConfig, str], str]:
+    """A Recipe from a built-in name or a recipe file path; a callable (config, name) -> format is kept as is."""
     if callable(recipe):
         return recipe
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown quantization recipe {recipe!r}; available: {', '.join(RECIPES)}")
-    return RECIPES[recipe]
+    builtins = builtin_recipes()
+    if recipe in builtins:
+        return Recipe.from_file(builtins[recipe])
+    if isinstance(recipe, (str, Path)) and Path(recipe).is_file():
+        return Recipe.from_file(recipe)
+    raise ValueError(f"unknown quantization recipe {str(recipe)!r}: neither a built-in ({', '.join(builtins)}) "
+                     "nor a recipe file")
 
 
 def _weights(config: NemotronConfig):
@@ -122,7 +201,7 @@ def bits_per_element(config: NemotronConfig, recipe) -> dict:
         tensors[f] += n_tensors
     total = sum(params.values())
     bits = sum(params[f] * ELEMENT_BITS[f] + tensors[f] * TENSOR_BITS[f] for f in FORMATS)
-    return {"recipe": recipe if isinstance(recipe, str) else getattr(recipe, "__name__", "custom"),
+    return {"recipe": getattr(fn, "name", None) or getattr(fn, "__name__", "custom"),
             "params": params, "fraction": {f: params[f] / total for f in FORMATS},
             "quantized_tensors": {f: tensors[f] for f in ("nvfp4", "fp8")},
             "bits_per_element": bits / total, "bytes": bits / 8, "bytes_bf16": 2 * total,
