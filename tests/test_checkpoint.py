@@ -147,19 +147,14 @@ def _saved(tmp_path, mtp=False):
     return model, load_file(tmp_path / "model.safetensors")
 
 
-def test_missing_tensor_is_named(tmp_path):
+@pytest.mark.parametrize("name, error", [
+    ("backbone.layers.2.mixer.k_proj.weight", r"missing.*backbone\.layers\.2\.mixer\.k_proj\.weight"),
+    ("backbone.layers.1.mixer.experts.3.down_proj.weight", r"experts\.down_proj.*missing \[3\]")])
+def test_missing_tensor_or_expert_is_named(tmp_path, name, error):
     _, files = _saved(tmp_path)
-    del files["backbone.layers.2.mixer.k_proj.weight"]
+    del files[name]
     save_file(files, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing.*backbone\.layers\.2\.mixer\.k_proj\.weight"):
-        nemotron3.load(tmp_path)
-
-
-def test_missing_expert_is_named(tmp_path):
-    _, files = _saved(tmp_path)
-    del files["backbone.layers.1.mixer.experts.3.down_proj.weight"]
-    save_file(files, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"experts\.down_proj.*missing \[3\]"):
+    with pytest.raises(CheckpointError, match=error):
         nemotron3.load(tmp_path)
 
 

@@ -60,6 +60,18 @@ class _QuantLinearBase(KeepQuantDtypes):
         # (``quant.quantize_model``) or a checkpoint; None = uncalibrated (W4A16-only checkpoint, not written)
         self.register_buffer("input_scale", None)
 
+    @classmethod
+    def _shaped_like(cls, linear: nn.Linear, chunk_rows: int, **tensors: torch.Tensor):
+        """A module of `linear`'s shape, dtype, device and bias holding the given quantized tensors."""
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=w.dtype,
+                chunk_rows=chunk_rows, device=w.device)
+        for name, t in tensors.items():
+            getattr(m, name).copy_(t)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        return m
+
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -106,16 +118,8 @@ class NVFP4Linear(_QuantLinearBase):
     def from_linear(cls, linear: nn.Linear, global_scale: torch.Tensor | float | None = None,
                     chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "NVFP4Linear":
         """Quantize an ``nn.Linear`` (``global_scale`` overrides ``weight_scale_2``, e.g. shared by a fused group)."""
-        w = linear.weight.detach()
-        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=w.dtype,
-                chunk_rows=chunk_rows, device=w.device)
-        packed, bs, s2 = nvfp4.quantize(w, global_scale)
-        m.weight.copy_(packed)
-        m.weight_scale.copy_(bs)
-        m.weight_scale_2.copy_(s2)
-        if linear.bias is not None:
-            m.bias.data.copy_(linear.bias.detach())
-        return m
+        packed, bs, s2 = nvfp4.quantize(linear.weight.detach(), global_scale)
+        return cls._shaped_like(linear, chunk_rows, weight=packed, weight_scale=bs, weight_scale_2=s2)
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         return nvfp4.dequantize(self.weight[r0:r1], self.weight_scale[r0:r1], self.weight_scale_2, dtype=dtype)
@@ -133,15 +137,8 @@ class FP8Linear(_QuantLinearBase):
     @classmethod
     def from_linear(cls, linear: nn.Linear, scale: torch.Tensor | float | None = None,
                     chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "FP8Linear":
-        w = linear.weight.detach()
-        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=w.dtype,
-                chunk_rows=chunk_rows, device=w.device)
-        w8, s = nvfp4.quantize_fp8(w, scale)
-        m.weight.copy_(w8)
-        m.weight_scale.copy_(s)
-        if linear.bias is not None:
-            m.bias.data.copy_(linear.bias.detach())
-        return m
+        w8, s = nvfp4.quantize_fp8(linear.weight.detach(), scale)
+        return cls._shaped_like(linear, chunk_rows, weight=w8, weight_scale=s)
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         return nvfp4.dequantize_fp8(self.weight[r0:r1], self.weight_scale, dtype=dtype)
