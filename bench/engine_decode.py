@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from nemotron3 import NemotronConfig, NemotronHForCausalLM, load  # noqa: E402
 from nemotron3.engine import LLM, SamplingParams  # noqa: E402
 from nemotron3.engine.decode_plan import DecodePlan  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 
 def pico_config(**overrides) -> NemotronConfig:
@@ -58,14 +59,6 @@ def prompts(n, length, vocab, seed=0):
 def greedy(n):
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
-
-def median_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def hf_generate(hf, prompt, n):
@@ -94,7 +87,7 @@ def section_batch1(model, hf, args, out, key="batch1", label="pico architecture"
     times = {k: [] for k in runs}
     for _ in range(args.repeats):                            # interleaved: all see the same machine load
         for k, fn in runs.items():
-            times[k].append(median_of(lambda: fn(N), 1) - median_of(lambda: fn(1), 1))
+            times[k].append(median_seconds(lambda: fn(N), 1) - median_seconds(lambda: fn(1), 1))
     o, t, g, h = (statistics.median(times[k]) / (N - 1) for k in runs)
     out[key] = dict(ours_ms_per_token=o * 1e3, torch_ops_plan_ms_per_token=t * 1e3, generic_ms_per_token=g * 1e3,
                     hf_ms_per_token=h * 1e3, ours_tok_s=1 / o, hf_tok_s=1 / h, ratio=h / o, torch_ops_ratio=h / t,
@@ -120,8 +113,8 @@ def section_rows(model, args, out):
         times = {k: [] for k in llms}
         for _ in range(args.repeats):
             for k, llm in llms.items():
-                times[k].append((median_of(lambda: llm.generate(ps, greedy(33)), 1)
-                                 - median_of(lambda: llm.generate(ps, greedy(1)), 1)) / 32)
+                times[k].append((median_seconds(lambda: llm.generate(ps, greedy(33)), 1)
+                                 - median_seconds(lambda: llm.generate(ps, greedy(1)), 1)) / 32)
         p, g = (statistics.median(times[k]) for k in llms)
         res[B] = dict(plan_ms=p * 1e3, generic_ms=g * 1e3, ratio=g / p)
         print(f"  {B:3d} sequences: plan {p * 1e3:7.2f} ms/step ({p / B * 1e3:5.2f} ms/token)  "
@@ -144,8 +137,8 @@ def section_nvfp4(args, out):
     times = {k: [] for k in llms}
     for _ in range(args.repeats):
         for k, llm in llms.items():
-            times[k].append(median_of(lambda: llm.generate([p], greedy(N)), 1)
-                            - median_of(lambda: llm.generate([p], greedy(1)), 1))
+            times[k].append(median_seconds(lambda: llm.generate([p], greedy(N)), 1)
+                            - median_seconds(lambda: llm.generate([p], greedy(1)), 1))
     t, g = (statistics.median(times[k]) / (N - 1) for k in llms)
     out["nvfp4"] = dict(plan_ms=t * 1e3, generic_ms=g * 1e3, ratio=g / t, same_greedy_tokens=toks[0] == toks[1])
     print(f"[nvfp4] models/pico-nvfp4, batch 1, {N} greedy tokens after a 64-token prompt")

@@ -5,9 +5,7 @@
 Prints the median time of each and the ratio (transformers / ours; > 1 means we are faster).
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import hf_model_from  # noqa: E402
 from nemotron3 import NemotronConfig, NemotronHForCausalLM, load  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 # A pico-sized default: every layer kind, latent MoE, realistic CPU widths.
 BENCH_CONFIG = dict(vocab_size=8192, hidden_size=256, pattern="MEM*EMEM*EME", num_attention_heads=4,
@@ -25,15 +24,6 @@ BENCH_CONFIG = dict(vocab_size=8192, hidden_size=256, pattern="MEM*EMEM*EME", nu
                     moe_intermediate_size=256, moe_latent_size=128, moe_shared_expert_intermediate_size=512,
                     routed_scaling_factor=2.5)
 
-
-def timeit(fn, repeats):
-    fn()                                     # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -52,8 +42,8 @@ def main():
     ids = torch.randint(0, ours.config.vocab_size, (a.batch, a.seq))
     with torch.inference_mode():
         diff = (ours(ids) - hf(ids, use_cache=False).logits).abs().max().item()
-        t_ours = timeit(lambda: ours(ids), a.repeats)
-        t_hf = timeit(lambda: hf(ids, use_cache=False), a.repeats)
+        t_ours = median_seconds(lambda: ours(ids), a.repeats, warmup=True)
+        t_hf = median_seconds(lambda: hf(ids, use_cache=False), a.repeats, warmup=True)
     n = a.batch * a.seq
     print(f"config: {ours.config.pattern} d={ours.config.hidden_size} params={ours.num_parameters():,}; "
           f"batch {a.batch} x seq {a.seq}; threads {a.threads}; max |logit diff| {diff:.2e}")
