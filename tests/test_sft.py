@@ -86,8 +86,9 @@ def test_copy_task_random_spans():
         copy_task_stream(text, rows=1, seq_len=32, span_len=(1, 5))
 
 
-def test_sft_recipe_mixes_in_the_copy_component(tmp_path):
-    """`sft.copy` is a copy data component appended to the SFT mixture (with the SFT seed unless it sets one)."""
+def test_sft_recipe_mixes_in_the_replay_components(tmp_path):
+    """`sft.replay` components (pretraining text, the copy task) join the SFT mixture with their own LM loss,
+    with the SFT seed unless they set one; `sft.sft_weight` weighs the SFT rows; a bad component key is named."""
     from nemotron3.train.recipe import load_recipe
     from nemotron3.train.sft import RECIPE, sft_recipe
     (tmp_path / "data").mkdir()
@@ -95,8 +96,29 @@ def test_sft_recipe_mixes_in_the_copy_component(tmp_path):
     over = {"out_dir": str(tmp_path), "data.seq_len": 64, "data.tokenizer_dir": "unused", "train.batch_size": 2,
             "sft.seed": 5}
     assert len(sft_recipe(load_recipe(None, over, RECIPE))["data"]["mix"]) == 1
-    over["sft.copy"] = {"spans": "random", "rows": 10, "seq_len": 32, "batch_size": 4, "weight": 1}
+    copy = {"source": "copy", "spans": "random", "rows": 10, "seq_len": 32, "batch_size": 4, "weight": 1}
+    text = {"source": "corpus", "seq_len": 64, "batch_size": 2, "weight": 3, "seed": 9}
+    over.update({"sft.replay": [copy, text], "sft.sft_weight": 4})
     mix = sft_recipe(load_recipe(None, over, RECIPE))["data"]["mix"]
-    assert mix[1] == {"seed": 5, "spans": "random", "rows": 10, "seq_len": 32, "batch_size": 4, "weight": 1,
-                      "source": "copy"}
-    assert mix[0]["weight"] == 2 and mix[0]["mask"].endswith("train.mask.npy")
+    assert mix[1] == {"seed": 5, **copy} and mix[2] == text
+    assert mix[0]["weight"] == 4 and mix[0]["mask"].endswith("train.mask.npy")
+    over["sft.replay"] = [{**text, "wieght": 1}]
+    with pytest.raises(ValueError, match="wieght"):
+        load_recipe(None, over, RECIPE)
+
+
+def test_no_tools_share_answers_in_plain_text(tmp_path):
+    """With `no_tools`, some calculator tasks are rendered without their tools and answered with no call;
+    the rest keep the tool and the call. Without it, the data are what they were (no extra RNG draws)."""
+    tok = load_tokenizer(PICO)
+    build_sft_data(tmp_path / "a", PICO, envs=["calc"], train_per_env=40, val_per_env=2, seed=3, no_tools=0.5)
+    text = tok.decode(np.load(tmp_path / "a" / "train.tokens.npy").tolist())
+    convs = [c for c in text.split("</s>") if "<|im_start|>user" in c]
+    plain = [c for c in convs if "<tools>" not in c]
+    assert 5 < len(plain) < 35
+    assert all("<tool_call>" not in c for c in plain)
+    assert all("<tool_call>" in c for c in convs if "<tools>" in c)
+    build_sft_data(tmp_path / "b", PICO, envs=["calc"], train_per_env=40, val_per_env=2, seed=3)
+    build_sft_data(tmp_path / "c", PICO, envs=["calc"], train_per_env=40, val_per_env=2, seed=3, no_tools=0.0)
+    assert (np.load(tmp_path / "b" / "train.tokens.npy") == np.load(tmp_path / "c" / "train.tokens.npy")).all()
+    assert "<tools>" in tok.decode(np.load(tmp_path / "b" / "train.tokens.npy")[:400].tolist())

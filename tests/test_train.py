@@ -558,7 +558,7 @@ def test_recipe_types_and_every_stage_section_are_checked(tmp_path):
              (mtp_boost.RECIPE, {"init": "m", "boost.depth": 2}, "'boost.depths'"),
              (mtp_boost.RECIPE, {"init": "m", "acceptance.K": 2}, "'acceptance.k'"),
              (sft.RECIPE, {"sft.train_per_envs": 2}, "'sft.train_per_env'"),
-             (sft.RECIPE, {"sft.copy": {"rows": 2, "seqlen": 8}}, "'sft.copy.seq_len'")]
+             (sft.RECIPE, {"sft.replay": [{"rows": 2, "seqlen": 8}]}, "'sft.replay.0.seq_len'")]
     for schema, over, msg in cases:
         with pytest.raises(ValueError, match=msg):
             load_recipe(None, over, schema)

@@ -133,6 +133,10 @@ _THINK_CALL = ["I need to compute {e} with the calculator.", "Let me use the cal
 # line, as it does inside <tool_response>.
 _THINK_ANSWER = ["The calculator returned:\n{r}", "The result is:\n{r}", "The calculator says:\n{r}"]
 _ANSWER = ["The answer is:\n{r}", "{r}"]
+# the same question with no tools declared: a plain-text answer that sets the computation up honestly
+_NO_TOOL_THINK = ["There is no calculator here. The computation is {e}.", "No tools are available. I need {e}."]
+_NO_TOOL_ANSWER = ["Without a calculator I can only set it up: {e}", "The computation is {e}. I have no calculator "
+                   "to evaluate it exactly."]
 
 
 def _dec(rng: random.Random, lo: int, hi: int) -> str:
@@ -230,3 +234,9 @@ class CalculatorEnv(Env):
             {"role": "assistant", "content": rng.choice(_ANSWER).format(r=result),
              "reasoning_content": rng.choice(_THINK_ANSWER).format(r=result) if thinking else ""},
         ]
+
+    def reference_without_tools(self, task: Task, rng: random.Random, thinking: bool = True) -> list[dict]:
+        """The answer when the request declares no tools (SFT's `no_tools` share): plain text, never a call."""
+        expr = task.meta["expression"]
+        return [{"role": "assistant", "content": rng.choice(_NO_TOOL_ANSWER).format(e=expr),
+                 "reasoning_content": rng.choice(_NO_TOOL_THINK).format(e=expr) if thinking else ""}]
