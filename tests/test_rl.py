@@ -108,6 +108,22 @@ def test_clipped_loss_by_hand():
     assert g[1] == 0 and g[4] == 0 and g[5] == 0 and g[0] != 0 and g[2] != 0 and g[3] != 0
 
 
+def test_kl_to_reference_by_hand():
+    """k3 estimate: zero where the policies agree, exp(d) - d - 1 per masked token otherwise; its gradient pulls
+    the policy's log-prob towards the reference's."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    ref = torch.tensor([[-1.0, -1.0, -1.5, -0.1]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert rl.kl_to_reference(logp, logp, mask, 3.0).item() == 0.0
+    d = (ref - logp)[0, :3]
+    want = float((torch.exp(d) - d - 1).sum() / 3)
+    assert math.isclose(rl.kl_to_reference(logp, ref, mask, 3.0).item(), want, rel_tol=1e-6)
+    lp = logp.clone().requires_grad_(True)
+    rl.kl_to_reference(lp, ref, mask, 3.0).backward()
+    g = lp.grad[0]
+    assert g[0] == 0 and g[1] < 0 and g[2] > 0 and g[3] == 0      # descent moves logp towards ref
+
+
 def _recipe(model_dir, out, extra=None, **rl_over):
     r = {"init": str(model_dir), "out_dir": str(out), "envs": ["calc", "format"],
          "rl": {**dict(prompts_per_step=2, group_size=2, steps=2, max_tokens=6, max_total_tokens=600, lr=1e-3,
@@ -192,3 +208,23 @@ def test_mtp_boost_freezes_backbone_and_lowers_kl(model_dir, tmp_path):
     assert any(not torch.equal(trained[k], v) for k, v in model.state_dict().items() if k.startswith("mtp."))
     assert out["before"]["acceptance_rate"] is not None and out["after"]["acceptance_rate"] is not None
     assert json.loads((tmp_path / "boost" / "acceptance.json").read_text())["after"]["k"] == 2
+
+
+def test_grpo_with_kl_and_replay_logs_both_and_resumes_exactly(model_dir, tmp_path, monkeypatch):
+    """kl_coef and rl.replay add their terms (logged), and --resume replays the same replay batches."""
+    _alternating_rewards(monkeypatch)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 8}) + "\n" for i in range(40)))
+    over = dict(kl_coef=0.1, replay_coef=0.5,
+                replay=[{"source": str(docs), "seq_len": 32, "batch_size": 2, "weight": 1}])
+    rl.train(_recipe(model_dir, tmp_path / "a", **over))
+    steps = [x for x in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines()) if x["phase"] == "rl"]
+    assert all(x["kl_ref"] >= 0 and x["replay_lm_loss"] > 0 for x in steps)
+    assert steps[1]["kl_ref"] > 0                                 # the policy has moved away from the start
+    full = checkpoint.load(tmp_path / "a" / "checkpoint", dtype=torch.float32).state_dict()
+    recipe = _recipe(model_dir, tmp_path / "b", **over)
+    rl.train(recipe, max_steps=1)
+    rl.train(recipe, resume=True)
+    resumed = checkpoint.load(tmp_path / "b" / "checkpoint", dtype=torch.float32).state_dict()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-6)

@@ -14,7 +14,12 @@ Design decisions (sources: /work/shared/reference/recipes.md §4.3-4.4):
   whose rewards are all equal have zero advantage and are dropped from the batch (DAPO's dynamic sampling: they
   would only dilute the token normaliser). Loss = PPO clipped surrogate with asymmetric "clip-higher"
   (1 - clip_low, 1 + clip_high) = (0.8, 1.28), per-token ratio exp(logp - logp_old) on policy tokens, averaged
-  over all policy tokens of the minibatch (token-level, DAPO), no KL term, no entropy bonus.
+  over all policy tokens of the minibatch (token-level, DAPO), no entropy bonus.
+* **Staying near the start** (`kl_coef`, `replay`): at pico scale RL on three narrow environments drifts away
+  from language. `kl_coef` adds beta x KL(pi || pi_ref) against the frozen starting policy (the k3 estimator
+  exp(ref - logp) - (ref - logp) - 1 on the sampled tokens, as NeMo-RL / DeepSeek's GRPO use), and `replay`
+  (data components, as SFT's `sft.replay`) adds `replay_coef` x the LM loss of one batch of pretraining text per
+  optimizer update. Both default off (the paper's RLVR has no KL).
   logp_old = the trained model's own log-probs from a no-grad forward before the updates (not the engine's, so
   the first minibatch has ratio exactly 1 and engine/trainer numeric mismatch never enters the ratio).
   `updates_per_batch` minibatches (x `epochs`) per rollout batch make the later updates off-policy, which is
@@ -44,6 +49,7 @@ import torch
 
 from .. import checkpoint
 from ..engine import LLM, SamplingParams
+from ..eval.lm import IGNORE
 from .optim import adamw, set_lr, warmup_lr
 from .recipe import Schema, stage_parser, train_stage
 from .rollout import Rollout, rollout
@@ -54,12 +60,12 @@ RL_DEFAULTS = dict(
     max_tokens=256, max_total_tokens=1024, clip_low=0.2, clip_high=0.28, updates_per_batch=2, epochs=1,
     thinking_fraction=0.5, seed=0, threads=1, save_every=10, eval_every=25, eval_tasks=20, eval_max_tokens=256,
     weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, grad_clip=1.0, micro_batch=8, max_num_seqs=32,
-    freeze_router=True)
+    freeze_router=True, kl_coef=0.0, replay=[], replay_coef=0.0, corpus_dir="runs/corpus")
 WARMUP_DEFAULTS = dict(steps=0, tasks_per_env=32, samples=2, temperature=0.7, batch_size=8, lr=1e-5)
 ENVS_DEFAULT = ["calc", "code", "format"]
 RECIPE = Schema(top={"init": None, "out_dir": "runs/rl", "mode": "grpo", "envs": ENVS_DEFAULT, "teachers": {}},
                 sections={"rl": RL_DEFAULTS, "warmup_sft": WARMUP_DEFAULTS}, required=("init",),
-                choices={"mode": ("grpo", "mopd")})
+                choices={"mode": ("grpo", "mopd")}, components=("rl.replay",))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,6 +94,13 @@ def clipped_pg_loss(logp, logp_old, adv, mask, clip_low: float = 0.2, clip_high:
     loss = -(surr * mask).sum() / denom
     clipped = ((s2 < s1) & (mask > 0)).sum()
     return loss, clipped
+
+
+def kl_to_reference(logp, ref, mask, denom) -> torch.Tensor:
+    """sum_t m_t (exp(ref_t - logp_t) - (ref_t - logp_t) - 1) / denom: the k3 estimate of KL(pi || pi_ref) on the
+    sampled tokens (non-negative, unbiased; gradient pulls logp towards ref). All tensors [B, T]."""
+    d = ref - logp
+    return ((torch.exp(d) - d - 1) * mask).sum() / denom
 
 
 def token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
@@ -205,36 +218,55 @@ def _step_tasks(envs: dict, names: list[str], step: int, P: int, rng: random.Ran
     return tasks, flags
 
 
-def _update(model, opt, rolls, adv_tok, old, r: dict, rng: random.Random) -> dict:
+def _update(model, opt, rolls, adv_tok, old, r: dict, rng: random.Random, ref=None, replay=None) -> dict:
     """`updates_per_batch` optimizer steps (x `epochs`) over shuffled minibatches of `rolls`; `adv_tok` / `old`
-    are per-rollout [len(tokens) - 1] tensors. Returns mean loss, clip fraction and grad norm."""
-    items = list(zip(rolls, adv_tok, old))
+    / `ref` (the reference policy's log-probs, for `kl_coef`) are per-rollout [len(tokens) - 1] tensors;
+    `replay()` gives the next pretraining batch (x, y) for `replay_coef`. Returns mean loss, clip fraction,
+    grad norm, and the mean KL / replay LM loss when those terms are on."""
+    ref = ref if ref is not None else [None] * len(rolls)
+    items = list(zip(rolls, adv_tok, old, ref))
     U = max(1, min(r["updates_per_batch"], len(items)))
     params = [p for p in model.parameters() if p.requires_grad]
-    st = dict(loss=0.0, clipped=0, tokens=0, grad_norm=0.0, updates=0)
+    st = dict(loss=0.0, clipped=0, tokens=0, grad_norm=0.0, updates=0, kl=0.0, replay_lm=0.0)
     for _ in range(r["epochs"]):
         rng.shuffle(items)
         for mb in (items[i::U] for i in range(U)):
-            denom = float(sum(sum(x.mask[1:]) for x, _, _ in mb)) or 1.0
+            denom = float(sum(sum(x.mask[1:]) for x, *_ in mb)) or 1.0
             for c in range(0, len(mb), r["micro_batch"]):
                 part = mb[c:c + r["micro_batch"]]
-                ids, m = pad_batch([x for x, _, _ in part])
-                A, O = torch.zeros_like(m), torch.zeros_like(m)
-                for b, (_, a, o) in enumerate(part):
+                ids, m = pad_batch([x for x, *_ in part])
+                A, O, R = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+                for b, (_, a, o, rf) in enumerate(part):
                     A[b, :len(a)], O[b, :len(o)] = a, o
-                loss, clipped = clipped_pg_loss(token_logprobs(model, ids), O, A, m, r["clip_low"], r["clip_high"],
-                                                denom)
+                    if rf is not None:
+                        R[b, :len(rf)] = rf
+                logp = token_logprobs(model, ids)
+                loss, clipped = clipped_pg_loss(logp, O, A, m, r["clip_low"], r["clip_high"], denom)
+                if r["kl_coef"] > 0:
+                    kl = kl_to_reference(logp, R, m, denom)
+                    loss = loss + r["kl_coef"] * kl
+                    st["kl"] += kl.item()
                 loss.backward()
                 st["loss"] += loss.item()
                 st["clipped"] += int(clipped)
                 st["tokens"] += int(m.sum())
+            if replay is not None and r["replay_coef"] > 0:
+                x, y = replay()
+                lm = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+                (r["replay_coef"] * lm).backward()
+                st["replay_lm"] += lm.item()
             st["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, r["grad_clip"]))
             opt.step()
             opt.zero_grad(set_to_none=True)
             st["updates"] += 1
     n = max(st["updates"], 1)
-    return dict(loss=st["loss"] / n, clip_frac=st["clipped"] / max(st["tokens"], 1), grad_norm=st["grad_norm"] / n,
-                updates=st["updates"])
+    out = dict(loss=st["loss"] / n, clip_frac=st["clipped"] / max(st["tokens"], 1), grad_norm=st["grad_norm"] / n,
+               updates=st["updates"])
+    if r["kl_coef"] > 0:
+        out["kl_ref"] = st["kl"] / n
+    if replay is not None and r["replay_coef"] > 0:
+        out["replay_lm_loss"] = st["replay_lm"] / n
+    return out
 
 
 @torch.no_grad()
@@ -245,6 +277,20 @@ def _per_rollout_logprobs(model, rolls, micro: int) -> list[torch.Tensor]:
         lp = token_logprobs(model, pad_batch(part)[0])
         out += [lp[b, :len(x.tokens) - 1].clone() for b, x in enumerate(part)]
     return out
+
+
+def _replay_batches(r: dict, tok, state: dict):
+    """A function giving the next (x, y) batch of the `rl.replay` mixture; the position is `state["replay_step"]`
+    (checkpointed with the rest of the state, so `--resume` draws the same batches)."""
+    from .data import Mixture, build_component
+    mix = Mixture([(build_component({"seed": r["seed"], **c}, Path(r["corpus_dir"]), tok, r["seed"], True),
+                    c.get("batch_size", 4), c.get("weight", 1)) for c in r["replay"]])
+
+    def nxt():
+        k = state["replay_step"]
+        state["replay_step"] = k + 1
+        return mix.batch(k)
+    return nxt
 
 
 def warmup_sft(model, opt, tok, envs: dict, teachers: dict, w: dict, r: dict, log) -> None:
@@ -294,7 +340,7 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
         for m in model.moe_layers():
             m.gate.requires_grad_(False)
     opt = adamw(model, r)
-    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "warmup_done": False}
+    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "warmup_done": False, "replay_step": 0}
     if ckpt is not None:
         load_checkpoint(ckpt, model, opt, state)
         print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
@@ -318,6 +364,9 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
             warmup_sft(model, opt, tok, envs, teachers, recipe["warmup_sft"], r, log)
         state["warmup_done"] = True
         save_checkpoint(out_dir, model, opt, state)
+    ref_model = checkpoint.load(recipe["init"], dtype=torch.float32).eval().requires_grad_(False) \
+        if r["kl_coef"] > 0 else None
+    replay = _replay_batches(r, tok, state) if r["replay_coef"] > 0 and r["replay"] else None
     llm = LLM(model, tok, max_num_seqs=r["max_num_seqs"], seed=r["seed"])
     end = r["steps"] if max_steps is None else min(max_steps, r["steps"])
     step = state["step"]
@@ -361,7 +410,8 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
         upd = dict(loss=0.0, clip_frac=0.0, grad_norm=0.0, updates=0)
         if train_rolls:
             model.train()
-            upd = _update(model, opt, train_rolls, adv_tok, old, r, rng)
+            ref = None if ref_model is None else _per_rollout_logprobs(ref_model, train_rolls, r["micro_batch"])
+            upd = _update(model, opt, train_rolls, adv_tok, old, r, rng, ref, replay)
             model.eval()
             if llm.engine.prefix_cache is not None:
                 llm.engine.prefix_cache.clear()
