@@ -325,3 +325,24 @@ def test_fallbacks(monkeypatch):
         assert "torch ops" in llm.engine.decode_path()
     finally:
         decode.native_library.cache_clear()
+
+
+def test_engine_bf16_weights_match_full_forward_greedy():
+    """LLM(weight_dtype="bfloat16"): linears and experts stored in bf16 (W16A32), the decode kernel reading them
+    as stored, greedy tokens equal to the fp32 model holding the same bf16-rounded values (full forward)."""
+    from nemotron3.quant.linear import BF16Linear
+    torch.manual_seed(0)
+    ref = _bf16_weights(randomize(NemotronHForCausalLM(small_config("M*EM-E*M", moe_latent_size=16)).eval(), 2))[0]
+    import copy
+    llm = LLM(copy.deepcopy(ref), max_num_seqs=2, weight_dtype="bfloat16", threads=2)
+    assert any(isinstance(q, BF16Linear) for q in llm.model.modules()) and supported(llm.model)
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    out = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    assert llm.engine._plan is not None and llm.engine._plan.native is not None
+    for p, o in zip(prompts, out):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(10):
+                ids.append(int(ref(torch.tensor([ids]))[0, -1].argmax()))
+        assert o == ids[len(p):]

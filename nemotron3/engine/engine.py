@@ -703,7 +703,8 @@ class LLM:
     LLM(model_path_or_model, tokenizer=None, max_num_seqs=16, max_model_len=None (config's
     max_position_embeddings), num_speculative_tokens=0, enable_prefix_caching=True, dtype=None,
     fast_decode=True (batch-1 decode through `model/decode.py`'s DecodePlan on fp32 CPU models),
-    threads=None (the C decode kernel's threads; None = torch's thread count), ...)
+    threads=None (the C decode kernel's threads; None = torch's thread count), weight_dtype=None ('bfloat16':
+    linear and expert weights kept in bf16 with fp32 activations, `quant.linear.store_bf16`), ...)
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
@@ -711,8 +712,13 @@ class LLM:
                  max_num_batched_tokens: int | None = None, prefix_cache_bytes: int = 256 << 20,
                  block_size: int = 64, seed: int = 0, reasoning_tokens: ReasoningTokens | None = None,
                  medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, weight_dtype=None):
         net, tok = _resolve_model(model, tokenizer, dtype)
+        if weight_dtype in ("bf16", "bfloat16", torch.bfloat16):
+            from ..quant.linear import store_bf16
+            net = store_bf16(net)                   # W16A32: bf16 weights, the model's activation dtype
+        elif weight_dtype is not None:
+            raise ValueError(f"weight_dtype must be None or 'bfloat16', got {weight_dtype!r}")
         self.engine = LLMEngine(net, tok, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 num_speculative_tokens=num_speculative_tokens,

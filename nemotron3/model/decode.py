@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.linear import FP8Linear, NVFP4Linear
+from ..quant.linear import BF16Linear, FP8Linear, NVFP4Linear
 from ..quant.quantize import NVFP4Experts
 from .attention import Attention
 from .mamba2 import Mamba2Mixer
@@ -56,7 +56,7 @@ from .moe import Experts, LatentMoE, MLP, TopkRouter
 from .norm import GatedRMSNorm, RMSNorm
 
 
-LINEARS = (nn.Linear, NVFP4Linear, FP8Linear)
+LINEARS = (nn.Linear, NVFP4Linear, FP8Linear, BF16Linear)
 
 
 def _weight(mod) -> torch.Tensor:
@@ -93,7 +93,8 @@ MAX_WEIGHT_BYTES = 4 << 30      # the plan copies the weights: no plan for model
 
 def _tracked(model) -> list[torch.Tensor]:
     """The tensors the plan's copies are made from: parameters and the quantized modules' codes/scales."""
-    return list(model.parameters()) + [b for b in model.buffers() if b.dtype in (torch.uint8, torch.float8_e4m3fn)]
+    return list(model.parameters()) + [b for b in model.buffers()
+                                       if b.dtype in (torch.uint8, torch.float8_e4m3fn, torch.bfloat16)]
 
 
 def supported(model) -> bool:
@@ -125,7 +126,9 @@ def supported(model) -> bool:
                                                    and type(m.fc2_latent_proj) in LINEARS))
         else:
             ok = type(m) is MLP and type(m.up_proj) in LINEARS and type(m.down_proj) in LINEARS
-        if not ok or any(q.dtype != torch.float32 for q in m.parameters()):
+        bf16_ok = (m.experts.up_proj, m.experts.down_proj) if layer.kind == "E" else ()
+        if not ok or any(q.dtype != torch.float32 and not (q.dtype == torch.bfloat16 and any(q is b for b in bf16_ok))
+                         for q in m.parameters()):
             return False
     return True
 

@@ -72,9 +72,10 @@ static inline float hsum(__m256 v) {
 
 /* Weights (o, k .. k+15) decoded into two vectors of 8, unscaled by s2 (FP8: times 2^-8 too, NVFP4: x2);
  * k a multiple of 16. */
-static inline void load16(const Mat *M, int64_t o, int64_t k, __m256 *lo, __m256 *hi) {
+#define INLINE static inline __attribute__((always_inline))
+INLINE void load16(const Mat *M, const int fmt, int64_t o, int64_t k, __m256 *lo, __m256 *hi) {
     const int64_t at = o * M->cols + k;
-    switch (M->fmt) {
+    switch (fmt) {
     case F32:
         *lo = _mm256_loadu_ps((const float *)M->w + at);
         *hi = _mm256_loadu_ps((const float *)M->w + at + 8);
@@ -112,24 +113,52 @@ static inline float vec_scale(const Mat *M) {
     return M->fmt == FP8 ? M->s2 * 256.0f : M->fmt == NVFP4 ? M->s2 * 0.5f : 1.0f;
 }
 
-/* dots[r] = W[o + r] . x for R (1 or 4) weight rows, one input row. */
-static inline void dot_rows(const Mat *M, int64_t o, int R, const float *restrict x, float *dots) {
+/* dots[r] = W[o + r] . x for R (1 or 4) weight rows, one input row; R and fmt are constants where this
+ * is inlined (dot_rows below), so the accumulators stay in registers and the decoder is chosen once. */
+#if N3_AVX2
+INLINE void dot_avx2(const Mat *M, const int fmt, int64_t o, const int R, const float *restrict x, float *dots) {
+    const int64_t K = M->cols;
+    __m256 a[4][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int r = 0; r < R; r++) {
+            __m256 lo, hi;
+            load16(M, fmt, o + r, k, &lo, &hi);
+            a[r][0] = _mm256_fmadd_ps(lo, x0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(hi, x1, a[r][1]);
+        }
+    }
+    const float sc = vec_scale(M);
+    for (int r = 0; r < R; r++) dots[r] = hsum(_mm256_add_ps(a[r][0], a[r][1])) * sc;
+}
+
+INLINE void decode_avx2(const Mat *M, const int fmt, int64_t o, const int R, float *restrict tile) {
+    const int64_t K = M->cols;
+    const __m256 sc = _mm256_set1_ps(vec_scale(M));
+    for (int r = 0; r < R; r++)
+        for (int64_t k = 0; k < K; k += 16) {
+            __m256 lo, hi;
+            load16(M, fmt, o + r, k, &lo, &hi);
+            _mm256_storeu_ps(tile + r * K + k, _mm256_mul_ps(lo, sc));
+            _mm256_storeu_ps(tile + r * K + k + 8, _mm256_mul_ps(hi, sc));
+        }
+}
+#define DISPATCH(fn, M, o, R, out)                                                                          \
+    switch ((M)->fmt) {                                                                                     \
+    case F32: if (R == 4) fn(M, F32, o, 4, out); else fn(M, F32, o, 1, out); break;                        \
+    case BF16: if (R == 4) fn(M, BF16, o, 4, out); else fn(M, BF16, o, 1, out); break;                     \
+    case FP8: if (R == 4) fn(M, FP8, o, 4, out); else fn(M, FP8, o, 1, out); break;                        \
+    default: if (R == 4) fn(M, NVFP4, o, 4, out); else fn(M, NVFP4, o, 1, out);                            \
+    }
+#define DOT_ARGS(M, F, o, R, out) dot_avx2(M, F, o, R, x, out)
+#endif
+
+static void dot_rows(const Mat *M, int64_t o, int R, const float *restrict x, float *dots) {
     const int64_t K = M->cols;
 #if N3_AVX2
     if (K % 16 == 0) {
-        __m256 a[4][2];
-        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) {
-            const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-            for (int r = 0; r < R; r++) {
-                __m256 lo, hi;
-                load16(M, o + r, k, &lo, &hi);
-                a[r][0] = _mm256_fmadd_ps(lo, x0, a[r][0]);
-                a[r][1] = _mm256_fmadd_ps(hi, x1, a[r][1]);
-            }
-        }
-        const float sc = vec_scale(M);
-        for (int r = 0; r < R; r++) dots[r] = hsum(_mm256_add_ps(a[r][0], a[r][1])) * sc;
+        DISPATCH(DOT_ARGS, M, o, R, dots);
         return;
     }
 #endif
@@ -153,14 +182,7 @@ static void decode_rows(const Mat *M, int64_t o, int R, float *restrict tile) {
     const int64_t K = M->cols;
 #if N3_AVX2
     if (K % 16 == 0) {
-        const __m256 sc = _mm256_set1_ps(vec_scale(M));
-        for (int r = 0; r < R; r++)
-            for (int64_t k = 0; k < K; k += 16) {
-                __m256 lo, hi;
-                load16(M, o + r, k, &lo, &hi);
-                _mm256_storeu_ps(tile + r * K + k, _mm256_mul_ps(lo, sc));
-                _mm256_storeu_ps(tile + r * K + k + 8, _mm256_mul_ps(hi, sc));
-            }
+        DISPATCH(decode_avx2, M, o, R, tile);
         return;
     }
 #endif
