@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from nemotron3 import NemotronConfig, NemotronHForCausalLM, load  # noqa: E402
 from nemotron3.engine import LLM, SamplingParams  # noqa: E402
-from nemotron3.model.decode import DecodePlan  # noqa: E402
+from nemotron3.engine.decode_plan import DecodePlan  # noqa: E402
 
 
 def pico_config(**overrides) -> NemotronConfig:

@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import nemotron3  # noqa: E402
-from nemotron3.train.pretrain import load_recipe, prepare_data, train  # noqa: E402
+from nemotron3.train.data import prepare_data  # noqa: E402
+from nemotron3.train.pretrain import train  # noqa: E402
+from nemotron3.train.recipe import load_recipe  # noqa: E402
 
 
 @torch.no_grad()

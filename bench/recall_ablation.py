@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nemotron3.config import NemotronConfig  # noqa: E402
 from nemotron3.model import NemotronHForCausalLM  # noqa: E402
-from nemotron3.train.pretrain import param_groups  # noqa: E402
+from nemotron3.train.optim import param_groups  # noqa: E402
 
 IGNORE = -100
 VOCAB = 512

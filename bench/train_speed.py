@@ -22,7 +22,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import to_hf_state  # noqa: E402
 from nemotron3.model import NemotronHForCausalLM  # noqa: E402
-from nemotron3.train.pretrain import TrainLoss, load_recipe, model_config, mtp_labels  # noqa: E402
+from nemotron3.eval.lm import mtp_labels  # noqa: E402
+from nemotron3.train.loss import TrainLoss  # noqa: E402
+from nemotron3.train.recipe import load_recipe, model_config  # noqa: E402
 
 
 def timeit(steps: dict, repeats: int) -> dict:

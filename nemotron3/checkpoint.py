@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, NemotronConfig
 from .model import NemotronHForCausalLM
@@ -140,9 +140,30 @@ def _check(name: str, t: torch.Tensor, expected: torch.Size, quant_dtype: torch.
     if quant_dtype is not None:       # packed codes / FP8 weights must match exactly; scales may be any float
         if t.dtype != quant_dtype and not (quant_dtype == torch.float32 and t.dtype in _FLOAT_DTYPES):
             raise CheckpointError(f"tensor {name}: expected {quant_dtype} for a quantized tensor, found {t.dtype}")
+        if t.is_floating_point():     # FP8 weights and the scales; packed uint8 codes cannot be non-finite
+            _check_finite(name, t)
         return
     if t.dtype not in _FLOAT_DTYPES:
         raise CheckpointError(f"tensor {name}: unsupported dtype {t.dtype} (expected float32, bfloat16 or float16)")
+    _check_finite(name, t)
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    """NaN / inf in a weight or scale is refused, naming the tensor (a model of NaNs would load and serve
+    garbage). One pass over the tensor, in 16M-element chunks so the temporaries stay small."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), 1 << 24):
+        chunk = flat[i:i + (1 << 24)]
+        if not torch.isfinite(chunk if chunk.dtype in _FLOAT_DTYPES else chunk.float()).all():
+            raise CheckpointError(f"tensor {name}: holds non-finite values (NaN or inf); the checkpoint is damaged")
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file (e.g. trainer state); a damaged file is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers and short files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
@@ -162,7 +183,7 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     dtype = parse_dtype(dtype)
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else \
-            _DTYPE_NAMES.get(config.torch_dtype or "bfloat16", torch.bfloat16)
+            _DTYPE_NAMES[config.torch_dtype or "bfloat16"]
     src = TensorSource(path)
     if config.has_mtp and not any(n.startswith("mtp.") for n in src.names()):
         # e.g. saved by transformers, which has no MTP module: load the backbone, drafting unavailable

@@ -6,7 +6,7 @@
     nemotron3 eval lm|ruler [MODEL] [...]               held-out LM quality / RULER long-context retrieval
     nemotron3 eval envs [MODEL] [--envs calc,code,format] [--n 50] [--mode off|regular|medium|budget=N]
                                                         greedy accuracy on the post-training environments' test split
-    nemotron3 train RECIPE.json [...]                   pretraining (see recipes/)
+    nemotron3 train RECIPE.json [...]                   pretraining (see recipes/; --help lists the trainer's flags)
     nemotron3 serve [MODEL] [--port 8000] [...]         OpenAI/Anthropic-compatible server + web chat at /
     nemotron3 chat [MODEL]                              interactive terminal chat (/exit, /reset, /think on|off)
 """
@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from .sandbox import UNSAFE_ENV, SandboxUnavailable
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "pico"
 
@@ -28,27 +30,32 @@ def default_model() -> str:
 
 
 def _config_for(target: str):
+    """(config, display name, preset name or None). A model directory (or config file) wins over a preset of
+    the same name, and reports its own config, never the preset's inferred fields."""
     from .config import NemotronConfig
     from .presets import PRESETS, get_preset
+    path = Path(target)
+    if path.is_file() or (path / "config.json").is_file():
+        return NemotronConfig.from_json_file(path), path.resolve().name, None
     if target in PRESETS:
-        return get_preset(target), target
-    if Path(target).exists():
-        return NemotronConfig.from_json_file(target), Path(target).name
+        return get_preset(target), target, target
+    if path.exists():
+        return NemotronConfig.from_json_file(path), path.resolve().name, None
     raise SystemExit(f"error: {target!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
 
 
 def cmd_info(args) -> None:
     from .presets import format_report, report_dict
-    cfg, name = _config_for(args.model)
+    cfg, name, preset = _config_for(args.model)
     recipes = [args.recipe] if args.recipe else []
     if args.json:
-        out = report_dict(cfg, args.context, name)
+        out = report_dict(cfg, args.context, preset)
         if recipes:
             from .quant.recipe import bits_per_element
             out["quantization"] = bits_per_element(cfg, args.recipe)
         print(json.dumps(out, indent=2))
     else:
-        print(format_report(cfg, name, args.context))
+        print(format_report(cfg, name, args.context, preset))
         if recipes:
             from .quant.recipe import format_bits_report
             print(format_bits_report(cfg, args.recipe))
@@ -130,7 +137,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .chat.terminal import run_chat
+    from .terminal_chat import run_chat
     from .engine import LLM
     llm = LLM(args.model or default_model(), **_engine_kwargs(args))
     run_chat(llm.engine, system=args.system, thinking=not args.no_thinking, thinking_budget=args.thinking_budget,
@@ -143,6 +150,12 @@ def _engine_args(s) -> None:
     s.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (cache slots)")
     s.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+def _sandbox_arg(s) -> None:
+    s.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="where the sandbox (bubblewrap + user namespaces) cannot run, run model-written code "
+                        "UNSANDBOXED with your user's rights (sets NEMOTRON3_UNSAFE_NO_SANDBOX=1)")
 
 
 def cmd_eval(args) -> None:
@@ -208,8 +221,8 @@ def cmd_eval_ruler(args) -> None:
     """RULER-style retrieval accuracy (task x length) with haystacks from the corpus's validation split."""
     import torch
     from .engine import LLM
-    from .eval.ruler import MAX_TOKENS, TASKS, evaluate_ruler, format_table, load_haystack_docs
-    from .train.corpus import build_corpus
+    from .eval.ruler import MAX_TOKENS, TASKS, evaluate_ruler, format_table
+    from .train.corpus import build_corpus, iter_documents
     if args.threads:
         torch.set_num_threads(args.threads)
     bad = [t for t in args.tasks if t not in TASKS]
@@ -228,7 +241,8 @@ def cmd_eval_ruler(args) -> None:
         llm = LLM(args.model, max_num_seqs=args.batch, max_model_len=max_len, dtype=args.dtype,
                   enable_prefix_caching=False, max_num_batched_tokens=max(args.prefill_chunk, args.batch + 1))
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    report = evaluate_ruler(llm, load_haystack_docs(corpus, "val"), args.tasks, args.lengths, args.samples,
+    haystack = [d["text"] for d in iter_documents(corpus, "val")]
+    report = evaluate_ruler(llm, haystack, args.tasks, args.lengths, args.samples,
                             args.seed, args.batch, log=log)
     report["model"] = str(args.model)
     print(format_table(report))
@@ -237,12 +251,16 @@ def cmd_eval_ruler(args) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def cmd_train(args, rest) -> None:
+def cmd_train(argv: list[str]) -> None:
+    """Everything after `train` goes to the trainer's own parser, so `nemotron3 train --help` lists its flags."""
     from .train.pretrain import main as train_main
-    train_main([args.recipe, *rest])
+    train_main(argv, prog="nemotron3 train")
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return cmd_train(argv[1:])
     p = argparse.ArgumentParser(prog="nemotron3", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -305,6 +323,7 @@ def main(argv=None) -> None:
     s.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply (reasoning included)")
     s.add_argument("--tools", action=argparse.BooleanOptionalAction, default=True,
                    help="offer the demo calculator and sandboxed python tools and run the model's calls")
+    _sandbox_arg(s)
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("eval", help="held-out loss/perplexity/MTP accuracy and in-context copying (lm), RULER "
@@ -336,20 +355,22 @@ def main(argv=None) -> None:
     g.add_argument("--n", type=int, default=50, help="test tasks per env")
     g.add_argument("--mode", default="regular", help="reasoning mode: off | regular | medium | budget=N")
     g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens per assistant turn")
+    _sandbox_arg(s)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("train", help="pretrain from a recipe (see recipes/); extra flags go to the trainer")
-    s.add_argument("recipe")
-    s.set_defaults(fn=None)
+    # listed here for `nemotron3 --help`; main() hands `train ...` to the trainer before this parser runs
+    s = sub.add_parser("train", help="pretrain from a recipe (see recipes/); `nemotron3 train --help` lists the "
+                                     "trainer's flags", add_help=False)
+    s.add_argument("args", nargs=argparse.REMAINDER, help="RECIPE.json and the trainer's flags")
 
-    args, rest = p.parse_known_args(argv)
-    if args.cmd == "train":
-        return cmd_train(args, rest)
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = p.parse_args(argv)
+    if getattr(args, "unsafe_no_sandbox", False):
+        os.environ[UNSAFE_ENV] = "1"            # for this process and the ones it starts
+        print(f"WARNING: --unsafe-no-sandbox: where the sandbox cannot run, model-written code runs "
+              f"UNSANDBOXED", file=sys.stderr)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:     # ConfigError / CheckpointError are ValueErrors
+    except (ValueError, FileNotFoundError, SandboxUnavailable) as e:  # ConfigError/CheckpointError: ValueErrors
         raise SystemExit(f"error: {e}") from None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 PATTERN_CHARS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+TORCH_DTYPES = ("float32", "bfloat16", "float16")     # config.json `torch_dtype` values we load
 _WORD_TO_CHAR = {
     "mamba": "M", "linear_attention": "M",
     "attention": "*", "full_attention": "*",
@@ -176,6 +177,8 @@ class NemotronConfig:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         need(len(self.pattern) > 0, "hybrid_override_pattern: the layer pattern is empty")
+        need(self.torch_dtype is None or self.torch_dtype in TORCH_DTYPES,
+             f"torch_dtype: unknown dtype {self.torch_dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
                      "chunk_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):

@@ -278,8 +278,10 @@ def _b(x: float) -> str:
     return f"{x:.0f} B"
 
 
-def format_report(cfg: NemotronConfig, name: str = "model", context_len: int | None = None) -> str:
-    """A readable text table: params by kind (active vs total), bf16 size, cache bytes at a context."""
+def format_report(cfg: NemotronConfig, name: str = "model", context_len: int | None = None,
+                  preset: str | None = None) -> str:
+    """A readable text table: params by kind (active vs total), bf16 size, cache bytes at a context; with
+    `preset`, that preset's fields inferred without a primary source."""
     r = report_dict(cfg, context_len)
     p, c = r["params"], r["cache"]
     lc = p["layer_counts"]
@@ -306,6 +308,6 @@ def format_report(cfg: NemotronConfig, name: str = "model", context_len: int | N
                  f"KV {_b(c['kv_bytes'])} ({_b(c['kv_bytes_per_token'])}/token) = {_b(c['total_bytes'])}")
     lines.append(f"    pure-attention equivalent ({c['pure_attention_layers']} attention layers): "
                  f"KV {_b(c['pure_attention_kv_bytes'])} = {c['pure_attention_over_hybrid']:.1f}x the hybrid")
-    if INFERRED.get(name):
-        lines.append(f"  inferred (no primary source seen): {', '.join(INFERRED[name])}")
+    if INFERRED.get(preset):
+        lines.append(f"  inferred (no primary source seen): {', '.join(INFERRED[preset])}")
     return "\n".join(lines)

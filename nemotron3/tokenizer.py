@@ -119,13 +119,19 @@ class Tokenizer:
         self._raw = tok.__class__.from_str(tok.to_str())  # copy that treats specials as text
         self._raw.encode_special_tokens = True
         self.config = config or tokenizer_config()
-        self.chat_template: str = self.config.get("chat_template") or CHAT_TEMPLATE
+        template = self.config.get("chat_template")     # the checkpoint's own template wins over ours
+        self.chat_template: str = template if isinstance(template, str) and template else CHAT_TEMPLATE
         self.fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()  # identifies the vocab/merges
         self.special_tokens: dict[str, int] = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
         self.special_ids: frozenset[int] = frozenset(self.special_tokens.values())
         self.bos_id, self.eos_id = self.special_tokens[BOS], self.special_tokens[EOS]
         self.pad_id, self.unk_id = self.special_tokens[PAD], self.special_tokens[UNK]
         self.im_start_id, self.im_end_id = self.special_tokens["<|im_start|>"], self.special_tokens["<|im_end|>"]
+
+    @property
+    def backend_tokenizer(self):
+        """The ``tokenizers.Tokenizer`` underneath (transformers' fast tokenizers have the same property)."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:
@@ -171,6 +177,20 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
     raw = (d / "tokenizer.json").read_text(encoding="utf-8")
     cfg_path = d / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else None
-    if cfg is not None and not cfg.get("chat_template") and (d / "chat_template.jinja").exists():
-        cfg["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    template = checkpoint_chat_template(d, cfg)
+    if template is not None:
+        cfg = {**(cfg or tokenizer_config()), "chat_template": template}
     return Tokenizer(HFTokenizer.from_str(raw), cfg)
+
+
+def checkpoint_chat_template(model_dir: str | os.PathLike, cfg: dict | None = None) -> str | None:
+    """The checkpoint's own chat template, picked as ``transformers`` picks it: ``chat_template.jinja``
+    first, then ``tokenizer_config.json``'s ``chat_template`` (a string, or the legacy list of
+    ``{"name", "template"}`` whose ``default`` entry is used). None when it ships none (our default applies)."""
+    f = Path(model_dir) / "chat_template.jinja"
+    if f.exists():
+        return f.read_text(encoding="utf-8")
+    t = (cfg or {}).get("chat_template")
+    if isinstance(t, list):
+        t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
+    return t if isinstance(t, str) and t else None

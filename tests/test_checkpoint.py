@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nemotron3
+from nemotron3 import checkpoint
 from helpers import hf_model_from, randomize, small_config, to_hf_state
 from nemotron3 import CheckpointError, ConfigError, NemotronConfig, NemotronHForCausalLM
 
@@ -186,6 +187,37 @@ def test_unsupported_dtype(tmp_path):
         nemotron3.load(tmp_path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_weights_are_refused_by_name(tmp_path, bad, dtype):
+    _, files = _saved(tmp_path)
+    w = files["backbone.layers.1.mixer.experts.3.up_proj.weight"].to(dtype).clone()
+    w.view(-1)[-1] = bad                                   # one value, at the very end of the tensor
+    files["backbone.layers.1.mixer.experts.3.up_proj.weight"] = w
+    save_file(files, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"experts\.3\.up_proj\.weight: holds non-finite values"):
+        nemotron3.load(tmp_path)
+    files["backbone.layers.1.mixer.experts.3.up_proj.weight"] = w.nan_to_num(0.0)
+    files["backbone.norm_f.weight"] = torch.full_like(files["backbone.norm_f.weight"], float("nan"))
+    save_file(files, tmp_path / "model.safetensors")      # all-NaN, as the probe found serving
+    with pytest.raises(CheckpointError, match=r"backbone\.norm_f\.weight: holds non-finite values"):
+        nemotron3.load(tmp_path)
+
+
+def test_unknown_torch_dtype_is_an_error(tmp_path):
+    _saved(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    for bad in ("int8", "float8", "bfloat"):
+        (tmp_path / "config.json").write_text(json.dumps({**d, "torch_dtype": bad}))
+        with pytest.raises(ConfigError, match=f"torch_dtype: unknown dtype '{bad}'"):
+            nemotron3.load(tmp_path)
+    d.pop("torch_dtype", None)
+    with pytest.raises(ConfigError, match="torch_dtype: unknown dtype 'int8'"):   # transformers 5's `dtype`
+        NemotronConfig.from_dict({**d, "dtype": "int8"})
+    for good in ("float32", "bfloat16", "float16"):
+        assert NemotronConfig.from_dict({**d, "torch_dtype": good}).torch_dtype == good
+
+
 def test_unknown_pattern_character(tmp_path):
     model, _ = _saved(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
@@ -232,6 +264,8 @@ def test_corrupt_safetensors_and_missing_dir(tmp_path):
         nemotron3.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="is a file, not a directory"):
         nemotron3.load(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        checkpoint.load_safetensors(tmp_path / "model.safetensors")
 
 
 def test_config_forms_and_aliases_agree():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nemotron3.train.corpus import build_corpus, iter_documents
-from nemotron3.train.data import IGNORE_INDEX, PackedDataset, load_tokens
+from nemotron3.eval.lm import IGNORE
+from nemotron3.train.data import PackedDataset, load_tokens
 from nemotron3.tokenizer import load_tokenizer, train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -41,7 +42,7 @@ def test_labels_are_next_tokens_with_cross_document_targets_masked():
     n = len(flat_x)
     assert np.array_equal(flat_x, tokens[:n])  # stride seq_len: inputs tile the stream
     target, after_eos = tokens[1:n + 1].astype(np.int64), flat_x == EOS
-    assert after_eos.any() and (flat_y[after_eos] == IGNORE_INDEX).all()
+    assert after_eos.any() and (flat_y[after_eos] == IGNORE).all()
     assert np.array_equal(flat_y[~after_eos], target[~after_eos])
     # tiny hand-checked example
     ds = PackedDataset(np.array([5, 6, EOS, 7, 8, 9, EOS, 10, 11]), seq_len=4, eos_id=EOS, shuffle=False)
@@ -109,7 +110,7 @@ def test_loss_mask_hides_targets_whose_mask_is_zero():
     ds = PackedDataset(tokens, seq_len=16, eos_id=EOS, shuffle=False, loss_mask=mask)
     x, y = ds.rows(np.arange(ds.num_rows))
     pos = np.arange(ds.num_rows)[:, None] * 16 + np.arange(1, 17)          # stream index of each target
-    expect = np.where((mask[pos] == 0) | (x.numpy() == EOS), IGNORE_INDEX, tokens[pos].astype(np.int64))
+    expect = np.where((mask[pos] == 0) | (x.numpy() == EOS), IGNORE, tokens[pos].astype(np.int64))
     assert np.array_equal(y.numpy(), expect)
     with pytest.raises(ValueError, match="loss_mask shape"):
         PackedDataset(tokens, 16, EOS, loss_mask=mask[:-1])

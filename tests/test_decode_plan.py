@@ -1,4 +1,4 @@
-"""Batch-1 decode fast path (`model/decode.py`): every step equals the full forward, in the torch ops and
+"""Batch-1 decode fast path (`engine/decode_plan.py`): every step equals the full forward, in the torch ops and
 in the C kernel; the engine uses it, rebuilds it after weight updates and falls back where it does not
 apply."""
 import shutil
@@ -11,8 +11,8 @@ from engine_utils import one_thread, tiny_model  # noqa: F401
 from helpers import randomize, small_config
 from nemotron3 import HybridCache, NemotronHForCausalLM
 from nemotron3.engine import LLM, SamplingParams
-from nemotron3.model import decode
-from nemotron3.model.decode import DecodePlan, supported
+from nemotron3.engine import decode_plan as decode
+from nemotron3.engine.decode_plan import DecodePlan, supported
 from nemotron3.presets import get_preset
 from nemotron3.quant.quantize import quantize_model
 
@@ -297,7 +297,7 @@ def test_fallbacks(monkeypatch):
     model.moe_layers()[0].record_router = False
     assert supported(model)
     assert not supported(tiny_model(4).to(torch.bfloat16))
-    monkeypatch.setattr("nemotron3.model.decode.MAX_WEIGHT_BYTES", 1000)
+    monkeypatch.setattr("nemotron3.engine.decode_plan.MAX_WEIGHT_BYTES", 1000)
     assert supported(model) == HAVE_CC                  # the kernel reads the weights in place: no size limit
     monkeypatch.setenv("NEMOTRON3_NATIVE", "0")
     decode.native_library.cache_clear()

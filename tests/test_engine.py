@@ -4,7 +4,7 @@ import torch
 
 from engine_utils import assert_logprobs_match, full_logprobs, one_thread, reference_greedy, tiny_model  # noqa: F401
 from nemotron3 import HybridCache
-from nemotron3.engine import LLM, LLMEngine, SamplingParams
+from nemotron3.engine import LLM, LLMEngine, RequestError, SamplingParams
 from nemotron3.engine.sampling import probabilities
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
@@ -215,6 +215,29 @@ def test_min_tokens_bans_stop(model):
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_check_request_names_the_parameter(model):
+    """Every request rule lives in LLMEngine.check_request; its RequestError names the parameter at fault
+    (the server turns it into a 400 with that `param`), and add_request refuses the same requests."""
+    eng = LLMEngine(model, max_model_len=32)
+    V = model.config.vocab_size
+    cases = [([], SamplingParams(), "prompt", None), ([5, V], SamplingParams(), "prompt", None),
+             (list(range(3, 35)), SamplingParams(), "prompt", "context_length_exceeded"),
+             ([5] * 20, SamplingParams(max_tokens=20), "max_tokens", "context_length_exceeded"),
+             ([5], SamplingParams(stop=["x"]), "stop", None),
+             ([5], SamplingParams(stop_token_ids=[V]), "stop_token_ids", None),
+             ([5], SamplingParams(answer_prefix_ids=[V + 3]), "answer_prefix_ids", None),
+             ([5], SamplingParams(logit_bias={V: 1.0}), "logit_bias", None)]
+    for ids, params, param, code in cases:
+        with pytest.raises(RequestError) as e:
+            eng.check_request(ids, params)
+        assert (e.value.param, e.value.code) == (param, code), (param, str(e.value))
+        with pytest.raises(RequestError):
+            eng.add_request("r", ids, params)
+    assert not eng.requests and not eng.has_unfinished_requests()
+    assert eng.check_request([5] * 20, SamplingParams(max_tokens=None)) == 12
+    assert eng.check_request([5] * 20, SamplingParams(max_tokens=None), max_model_len=24) == 4   # a lower limit
 
 
 def test_request_errors(model):

@@ -6,7 +6,7 @@ import torch
 from engine_utils import (agreeing_model, assert_logprobs_match, one_thread, reference_greedy,  # noqa: F401
                           tiny_model)
 from nemotron3.engine import LLM, SamplingParams
-from nemotron3.engine import engine as engine_mod
+from nemotron3.engine import speculative as spec_mod
 from nemotron3.engine.speculative import accept_greedy, accept_sampled
 
 PROMPTS = [[5, 9, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40, 17], [33] * 9, [12, 60, 61, 62, 14]]
@@ -158,7 +158,7 @@ def test_losslessness_test_has_power(monkeypatch):
     same chi-square test rejects it outright."""
     V, N, prompt = 16, 1000, [3, 9, 4, 11, 7]
     model = tiny_model(3, vocab_size=V, lm_scale=4.0)
-    monkeypatch.setattr(engine_mod, "accept_sampled",
+    monkeypatch.setattr(spec_mod, "accept_sampled",
                         lambda d, p, q, u: (torch.full((d.shape[0],), d.shape[1]), p[:, -1].argmax(-1)))
     counts, acc = sample_first_tokens(model, prompt, 2, N, V)
     pvalue, _ = chi_square_pvalue(counts, exact_joint(model, prompt, V).flatten() * N)

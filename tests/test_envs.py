@@ -7,12 +7,16 @@ from types import SimpleNamespace
 import pytest
 
 from nemotron3.chat.template import render_chat
+from nemotron3.sandbox import sandbox_problem
 from nemotron3.train.envs import (DEMO_TOOLS, ENVS, CalculatorEnv, CodeEnv, FormatEnv, calculate, execute_demo_tool,
-                                  get_env, run_python, step)
+                                  format_number, get_env, step)
 from nemotron3.train.envs.base import reward_for, split_of
 from nemotron3.train.envs.calc import last_number
 from nemotron3.train.envs.code import extract_output
-from nemotron3.train.envs.sandbox import format_number
+
+_NO_SANDBOX = sandbox_problem()
+needs_sandbox = pytest.mark.skipif(_NO_SANDBOX is not None, reason=f"the code env needs the sandbox: {_NO_SANDBOX}")
+ENV_NAMES = [pytest.param(n, marks=needs_sandbox) if n == "code" else n for n in ENVS]
 
 N = {"calc": 60, "code": 10, "format": 60}
 
@@ -37,19 +41,19 @@ def raw_turns(task, continuation, thinking):
     return raws
 
 
-def test_registry_and_determinism():
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_registry_and_determinism(name):
     assert set(ENVS) == {"calc", "code", "format"}
     with pytest.raises(ValueError):
         get_env("nope")
-    for name in ENVS:
-        a, b = get_env(name), get_env(name)
-        for split in ("train", "test"):
-            for i in range(3):
-                ta, tb = a.task(split, i), b.task(split, i)
-                assert ta == tb and ta.env == name and ta.split == split and ta.index == i
-        assert [t.index for t in a.tasks("train", 3, start=5)] == [5, 6, 7]
-        with pytest.raises(ValueError):
-            a.task("dev", 0)
+    a, b = get_env(name), get_env(name)
+    for split in ("train", "test"):
+        for i in range(3):
+            ta, tb = a.task(split, i), b.task(split, i)
+            assert ta == tb and ta.env == name and ta.split == split and ta.index == i
+    assert [t.index for t in a.tasks("train", 3, start=5)] == [5, 6, 7]
+    with pytest.raises(ValueError):
+        a.task("dev", 0)
 
 
 def test_splits_disjoint_and_prompts_short():
@@ -66,7 +70,7 @@ def test_splits_disjoint_and_prompts_short():
 
 
 @pytest.mark.parametrize("thinking", [True, False])
-@pytest.mark.parametrize("name", list(ENVS))
+@pytest.mark.parametrize("name", ENV_NAMES)
 def test_reference_episodes_score_correct(name, thinking):
     env = get_env(name)
     rng = random.Random(0)
@@ -92,19 +96,19 @@ def test_reference_episodes_score_correct(name, thinking):
             assert ep2.correct and ep2.reward == 1.0 and ep2.format_errors == []
 
 
-def test_wrong_answers_score_zero():
-    for name in ENVS:
-        env = get_env(name)
-        for task in env.tasks("train", 5 if name == "code" else 20):
-            ref = env.reference(task, random.Random(1), thinking=True)
-            wrong = dict(ref[-1], content={"calc": f"The answer is {task.answer}1.", "code": "Output: 12345",
-                                           "format": "I cannot do that."}[name])
-            msgs = ref[:-1] + [wrong]
-            ep = env.score(task, msgs, raw_turns(task, msgs, True))
-            assert not ep.correct and ep.reward == 0.0 and ep.format_errors == []
-            empty = dict(ref[-1], content="")
-            ep = env.score(task, ref[:-1] + [empty], raw_turns(task, ref[:-1] + [empty], True))
-            assert not ep.correct and "no_answer" in ep.format_errors and ep.reward == 0.0
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_wrong_answers_score_zero(name):
+    env = get_env(name)
+    for task in env.tasks("train", 5 if name == "code" else 20):
+        ref = env.reference(task, random.Random(1), thinking=True)
+        wrong = dict(ref[-1], content={"calc": f"The answer is {task.answer}1.", "code": "Output: 12345",
+                                       "format": "I cannot do that."}[name])
+        msgs = ref[:-1] + [wrong]
+        ep = env.score(task, msgs, raw_turns(task, msgs, True))
+        assert not ep.correct and ep.reward == 0.0 and ep.format_errors == []
+        empty = dict(ref[-1], content="")
+        ep = env.score(task, ref[:-1] + [empty], raw_turns(task, ref[:-1] + [empty], True))
+        assert not ep.correct and "no_answer" in ep.format_errors and ep.reward == 0.0
 
 
 def test_number_normalisation_and_extraction():
@@ -175,6 +179,7 @@ def test_format_verifier_checks_constraint_and_content():
     assert not env.verify(u, "HELLO")
 
 
+@needs_sandbox
 def test_format_errors_and_penalties():
     assert reward_for(True, ["bad_tool_call"]) == 0.5 and reward_for(False, ["unknown_tool"]) == -0.5
     assert reward_for(False, ["unclosed_think", "bad_tool_call"]) == -0.5 and reward_for(True, ["no_answer"]) == 1.0
@@ -256,25 +261,7 @@ def test_calculator_safety():
     assert env.tool_result(t, "calculator", {"expression": "6*7"}) == "42"
 
 
-def test_sandbox_limits():
-    ok, out = run_python("x = 6\nprint(x * 7)")
-    assert ok and out == "42\n"
-    ok, out = run_python("while True:\n    pass", timeout=0.5)
-    assert not ok and "timed out" in out
-    ok, out = run_python("open('f.txt', 'w').write('hi')")
-    assert not ok and "PermissionError" in out
-    ok, out = run_python("import os\nfd = os.open('g.txt', os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'data')")
-    assert not ok and ("File too large" in out or "signal" in out)          # RLIMIT_FSIZE=0
-    ok, out = run_python("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)")
-    assert not ok and "network access is disabled" in out
-    ok, out = run_python("import os\nos.system('echo hi')")
-    assert not ok and "disabled" in out
-    ok, out = run_python("import os\nprint(sorted(os.environ))")
-    assert ok and out.strip() in ("[]", "['LC_CTYPE']")
-    ok, out = run_python("x = bytearray(1 << 30)", memory_mb=128)
-    assert not ok and "MemoryError" in out
-
-
+@needs_sandbox
 def test_demo_tools():
     assert [t["function"]["name"] for t in DEMO_TOOLS] == ["calculator", "python"]
     assert execute_demo_tool("calculator", {"expression": "2 + 2"}) == "4"
@@ -320,7 +307,7 @@ class FakeEngine:
 
 
 def test_terminal_chat_with_tools(monkeypatch):
-    from nemotron3.chat import terminal
+    from nemotron3 import terminal_chat as terminal
 
     rendered = []
     orig = FakeTokenizer.apply_chat_template
@@ -371,7 +358,7 @@ def test_terminal_chat_with_tools(monkeypatch):
 
 
 def test_chat_cli_tools_flag(monkeypatch):
-    import nemotron3.chat.terminal as terminal
+    import nemotron3.terminal_chat as terminal
     import nemotron3.engine as engine_mod
     from nemotron3.cli import main
     seen = []

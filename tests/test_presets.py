@@ -247,3 +247,25 @@ def test_reports():
         json.dumps(r)
         assert r["cache"]["context_len"] == cfg.max_position_embeddings
     assert "549,308,968,960" in format_report(get_preset("ultra"), "ultra")
+
+
+def test_info_on_a_directory_named_like_a_preset(tmp_path, capsys, monkeypatch):
+    """`nemotron3 info nano` where ./nano is a model directory reports that directory's config, not the
+    preset's (nor the preset's inferred fields); the same for any path ending in a preset's name."""
+    import json
+    from nemotron3.cli import main as cli_main
+    d = tmp_path / "nano"
+    d.mkdir()
+    cfg = get_preset("tiny")
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    monkeypatch.chdir(tmp_path)
+    for target in ("nano", str(d)):
+        cli_main(["info", target])
+        text = capsys.readouterr().out
+        assert text.startswith(f"nano: {cfg.num_hidden_layers} layers") and "inferred" not in text, text
+        cli_main(["info", target, "--json"])
+        r = json.loads(capsys.readouterr().out)
+        assert r["inferred_fields"] == [] and r["config"]["hidden_size"] == cfg.hidden_size
+    monkeypatch.chdir(tmp_path.parent)
+    cli_main(["info", "nano"])                                  # no such directory here: the preset
+    assert "inferred" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from nemotron3 import checkpoint
 from nemotron3.engine import LLM, SamplingParams
 from nemotron3.train import mtp_boost, rl
 from nemotron3.train.envs import get_env
+from nemotron3.train.recipe import load_recipe
 from nemotron3.train.rollout import conversation_text, encode, rollout
 from server_utils import ScriptedEngine
 
@@ -114,7 +115,7 @@ def _recipe(model_dir, out, extra=None, **rl_over):
                        max_num_seqs=8), **rl_over}, **(extra or {})}
     path = out.parent / (out.name + ".json")
     path.write_text(json.dumps(r))
-    return rl.load_recipe(path)
+    return load_recipe(path, schema=rl.RECIPE)
 
 
 def _alternating_rewards(monkeypatch):
@@ -174,7 +175,7 @@ def test_evaluate_modes(model_dir):
 
 
 def test_mtp_boost_freezes_backbone_and_lowers_kl(model_dir, tmp_path):
-    recipe = mtp_boost.load_recipe(None, {"init": str(model_dir), "out_dir": str(tmp_path / "boost")})
+    recipe = load_recipe(None, {"init": str(model_dir), "out_dir": str(tmp_path / "boost")}, mtp_boost.RECIPE)
     recipe["boost"].update(depths=2, steps=30, lr=3e-3, warmup_steps=0, batch_size=4, save_every=100)
     recipe["data"].update(envs=["format"], tasks_per_env=4, samples=1, max_tokens=24)
     recipe["acceptance"].update(k=2, tasks_per_env=2, max_tokens=8, ignore_eos=True)

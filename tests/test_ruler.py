@@ -85,15 +85,11 @@ def test_grading():
     assert ruler.score(" 11111, 22222 and 44444", ["11111", "22222", "33333", "44444"]) == 0.75
 
 
-def test_retrieval_training_docs(tok, tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    with open(corpus / "train.jsonl", "w") as f:
-        for i in range(4):
-            f.write(json.dumps({"path": f"d{i}", "text": TEXT * 20}) + "\n")
-    docs = ruler.retrieval_training_docs(3, 1024, tok, corpus, seed=5)
-    assert docs == ruler.retrieval_training_docs(3, 1024, tok, corpus, seed=5)
-    assert docs != ruler.retrieval_training_docs(3, 1024, tok, corpus, seed=6)
+def test_retrieval_training_docs(tok):
+    hay = ruler.Haystack([TEXT * 20] * 4, tok)
+    docs = ruler.retrieval_training_docs(3, 1024, tok, hay, seed=5)
+    assert docs == ruler.retrieval_training_docs(3, 1024, tok, [TEXT * 20] * 4, seed=5)    # texts or a Haystack
+    assert docs != ruler.retrieval_training_docs(3, 1024, tok, hay, seed=6)
     for d in docs:
         n = len(tok.encode(d, parse_special=False))
         assert 0.95 * 1024 <= n <= 1024

@@ -12,7 +12,7 @@ import pytest
 
 from engine_utils import one_thread  # noqa: F401
 from server_utils import ScriptedEngine, free_port
-from nemotron3.chat.terminal import DIM, run_chat
+from nemotron3.terminal_chat import DIM, run_chat
 from nemotron3.checkpoint import load
 from nemotron3.tokenizer import load_tokenizer
 

@@ -446,3 +446,14 @@ def test_chat_page(srv):
     assert "<script src" not in page and "<link" not in page            # no external dependencies
     assert "access-control-allow-origin" not in r.headers
     assert httpx.get(srv[0] + "/health").json() == {"status": "ok"}
+
+
+def test_metrics_registries_are_per_app(server_model_dir):
+    """Two apps in one process (same model name) keep separate metrics: prometheus_client's global registry
+    would refuse the second app's metric names."""
+    engine = make_engine(server_model_dir)
+    a, b = create_app(engine, "tiny"), create_app(engine, "tiny")
+    a.state.server.metrics.error(400)
+    ra, rb = a.state.server.metrics.render().decode(), b.state.server.metrics.render().decode()
+    assert 'nemotron3_request_errors_total{model_name="tiny",status="400"} 1.0' in ra
+    assert "status=" not in rb and "nemotron3_num_requests_running" in rb

@@ -1,5 +1,4 @@
 """SFT data: token-exact rendering, assistant-only loss mask, masked forced </think>, all modes present."""
-import json
 import random
 from pathlib import Path
 
@@ -89,14 +88,15 @@ def test_copy_task_random_spans():
 
 def test_sft_recipe_mixes_in_the_copy_component(tmp_path):
     """`sft.copy` is a copy data component appended to the SFT mixture (with the SFT seed unless it sets one)."""
-    from nemotron3.train.sft import sft_recipe
+    from nemotron3.train.recipe import load_recipe
+    from nemotron3.train.sft import RECIPE, sft_recipe
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "val.mask.npy").write_bytes(b"")        # data "already built": nothing is generated
-    base = {"out_dir": str(tmp_path), "data": {"seq_len": 64, "tokenizer_dir": "unused"},
-            "train": {"batch_size": 2}, "sft": {"seed": 5}}
-    assert len(sft_recipe(json.loads(json.dumps(base)))["data"]["mix"]) == 1
-    base["sft"]["copy"] = {"spans": "random", "rows": 10, "seq_len": 32, "batch_size": 4, "weight": 1}
-    mix = sft_recipe(base)["data"]["mix"]
+    over = {"out_dir": str(tmp_path), "data.seq_len": 64, "data.tokenizer_dir": "unused", "train.batch_size": 2,
+            "sft.seed": 5}
+    assert len(sft_recipe(load_recipe(None, over, RECIPE))["data"]["mix"]) == 1
+    over["sft.copy"] = {"spans": "random", "rows": 10, "seq_len": 32, "batch_size": 4, "weight": 1}
+    mix = sft_recipe(load_recipe(None, over, RECIPE))["data"]["mix"]
     assert mix[1] == {"seed": 5, "spans": "random", "rows": 10, "seq_len": 32, "batch_size": 4, "weight": 1,
                       "source": "copy"}
     assert mix[0]["weight"] == 2 and mix[0]["mask"].endswith("train.mask.npy")

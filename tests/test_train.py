@@ -16,8 +16,12 @@ import torch.nn.functional as F
 
 import nemotron3
 from nemotron3.model import NemotronHForCausalLM
-from nemotron3.train.pretrain import (TrainLoss, apply_overrides, load_recipe, model_config, mtp_labels,
-                                      prepare_data, train, wsd_lr)
+from nemotron3.eval.lm import mtp_labels
+from nemotron3.train.data import prepare_data
+from nemotron3.train.loss import TrainLoss
+from nemotron3.train.optim import wsd_lr
+from nemotron3.train.pretrain import train
+from nemotron3.train.recipe import PRETRAIN, apply_overrides, load_recipe, model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny-test.json"
@@ -156,7 +160,7 @@ def test_training_reduces_loss(data_dirs, tmp_path):
     # the evaluation record carries the copying probe of the model at that step (the saved checkpoint)
     from nemotron3.checkpoint import load
     from nemotron3.eval.lm import induction_score
-    from nemotron3.train.pretrain import find_checkpoint
+    from nemotron3.train.state import find_checkpoint
     m = load(find_checkpoint(tmp_path), dtype=torch.float32).eval()
     batch = json.loads((tmp_path / "recipe.json").read_text())["train"]["batch_size"]
     want = induction_score(m, m.config.vocab_size, n=16, batch_size=batch, bos_id=m.config.bos_token_id)
@@ -420,12 +424,12 @@ def test_surgery_keeps_matching_tensors_and_reinitialises_the_rest():
 
 
 def test_unpacked_documents_get_a_row_each(data_dirs, tmp_path):
-    from nemotron3.train.pretrain import _component
+    from nemotron3.train.data import build_component
     from nemotron3.tokenizer import load_tokenizer
     tok = load_tokenizer(data_dirs / "tok")
     texts = ["alpha beta gamma", "one two three four five six seven eight nine ten " * 4, "x"]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    ds = _component({"source": str(tmp_path / "d.jsonl"), "seq_len": 24, "pack": False}, None, tok, 0, False)
+    ds = build_component({"source": str(tmp_path / "d.jsonl"), "seq_len": 24, "pack": False}, None, tok, 0, False)
     x, y = ds.rows(range(3))
     for i, t in enumerate(texts):
         ids = tok.encode(t, parse_special=False)[:23]
@@ -490,9 +494,86 @@ def test_set_overrides_index_lists_and_name_bad_paths():
     """`--set data.mix.1.weight=3` reaches into the mixture list; a key or index that does not exist is a
     ValueError naming the path instead of a KeyError/TypeError from deep inside."""
     r = {"data": {"mix": [{"weight": 1}, {"weight": 1}]}, "train": {"lr": 1e-3}}
-    apply_overrides(r, {"data.mix.1.weight": 3, "train.lr": 2e-3, "train.new_key": 5})
-    assert r == {"data": {"mix": [{"weight": 1}, {"weight": 3}]}, "train": {"lr": 2e-3, "new_key": 5}}
+    apply_overrides(r, {"data.mix.1.weight": 3, "train.lr": 2e-3})
+    assert r == {"data": {"mix": [{"weight": 1}, {"weight": 3}]}, "train": {"lr": 2e-3}}
     for key, msg in [("data.mix.2.weight", "list of 2"), ("data.mix.x.weight", "list of 2"),
-                     ("model.pattern", "no 'model'"), ("train.lr.x", "no 'train.lr.x'")]:
+                     ("model.pattern", "no 'model'"), ("train.lr.x", "no 'train.lr.x'"),
+                     ("trian.lr", "did you mean 'train'")]:
         with pytest.raises(ValueError, match=msg):
             apply_overrides(r, {key: 1})
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.safetensors", "rng.safetensors"])
+def test_resume_on_a_damaged_trainer_state_is_one_error_line(data_dirs, tmp_path, capsys, damaged):
+    from nemotron3.train.recipe import run_stage, stage_parser
+    kw = dict(total_steps=4, warmup_steps=1, save_every=2)
+    train(recipe(data_dirs, tmp_path, **kw), max_steps=2, progress=False)
+    f = tmp_path / "checkpoint" / "trainer" / damaged
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])          # cut short, as a crash or full disk leaves it
+    ap = stage_parser("python -m nemotron3.train", "doc")
+    with pytest.raises(SystemExit) as e:
+        run_stage(ap, lambda: train(recipe(data_dirs, tmp_path, **kw), resume=True, progress=False))
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert last.startswith("error: ") and str(f) in last and "not a readable safetensors file" in last
+
+
+@pytest.mark.parametrize("where", ["file", "set"])
+@pytest.mark.parametrize("key, nearest", [("train.lrr", "train.lr"), ("data.seqlen", "data.seq_len"),
+                                          ("out_dri", "out_dir"), ("model.hiden_size", "model.hidden_size"),
+                                          ("data.mix.0.batchsize", "data.mix.0.batch_size")])
+def test_unknown_recipe_key_names_the_nearest_valid_key(tmp_path, where, key, nearest):
+    """A misspelt key is an error naming the nearest valid one, whether it is in the file or given by --set."""
+    r = json.loads(RECIPE.read_text())
+    r["data"]["mix"] = [{"source": "corpus", "seq_len": 32, "batch_size": 2}]
+    over = {}
+    if where == "set":
+        over[key] = 5
+    else:
+        parts = key.split(".")
+        d = r
+        for part in parts[:-1]:
+            d = d[int(part)] if isinstance(d, list) else d[part]
+        d[parts[-1]] = 5
+    (tmp_path / "r.json").write_text(json.dumps(r))
+    with pytest.raises(ValueError, match=f"unknown recipe key '{key}' \\(did you mean '{nearest}'\\?\\)"):
+        load_recipe(tmp_path / "r.json", over)
+
+
+def test_recipe_types_and_every_stage_section_are_checked(tmp_path):
+    from nemotron3.train import mtp_boost, rl, sft
+    for over, msg in [({"train.total_steps": "many"}, "'train.total_steps' must be an integer, got \"many\""),
+                      ({"train.lr": True}, "'train.lr' must be a number, got true"),
+                      ({"train.betas": 0.9}, "'train.betas' must be a list"),
+                      ({"model.hidden_size": -1}, "hidden_size"),         # values: the config loader's check
+                      ({"data.mix": 3}, "'data.mix' must be an object")]:
+        with pytest.raises(ValueError, match=msg):
+            load_recipe(RECIPE, over)
+    assert load_recipe(RECIPE, {"train.lr": 1})["train"]["lr"] == 1                  # an int where a float goes
+    cases = [(rl.RECIPE, {"init": "m", "rl.gruop_size": 2}, "'rl.group_size'"),
+             (rl.RECIPE, {"init": "m", "warmup_sft.step": 2}, "'warmup_sft.steps'"),
+             (rl.RECIPE, {"init": "m", "mode": "ppo"}, "'mode' must be one of 'grpo', 'mopd'"),
+             (rl.RECIPE, {}, "needs 'init'"),
+             (mtp_boost.RECIPE, {"init": "m", "boost.depth": 2}, "'boost.depths'"),
+             (mtp_boost.RECIPE, {"init": "m", "acceptance.K": 2}, "'acceptance.k'"),
+             (sft.RECIPE, {"sft.train_per_envs": 2}, "'sft.train_per_env'"),
+             (sft.RECIPE, {"sft.copy": {"rows": 2, "seqlen": 8}}, "'sft.copy.seq_len'")]
+    for schema, over, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            load_recipe(None, over, schema)
+    for path in ROOT.glob("recipes/*.json"):                     # every shipped recipe loads under its stage
+        r = json.loads(path.read_text())
+        schema = (rl.RECIPE if "rl" in r else mtp_boost.RECIPE if "boost" in r else
+                  sft.RECIPE if "sft" in r else PRETRAIN)
+        load_recipe(path, None, schema)
+
+
+@pytest.mark.parametrize("argv, flags", [(["train", "--help"], ["--resume", "--max-steps", "--set", "--precision",
+                                                                 "--device", "--export", "--no-progress"])])
+def test_cli_train_help_lists_the_trainer_flags(argv, flags, capsys):
+    from nemotron3.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: nemotron3 train") and all(f in out for f in flags), out

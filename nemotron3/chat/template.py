@@ -1,4 +1,4 @@
-"""Nemotron 3 chat template (ChatML + ``<think>`` blocks + XML-style tool calls).
+"""Nemotron 3 chat template (ChatML + ``<think>`` blocks + XML-style tool calls): ``nemotron3.jinja``.
 
 Format (what the released Nemotron 3 checkpoints were trained on)::
 
@@ -8,23 +8,29 @@ Format (what the released Nemotron 3 checkpoints were trained on)::
     <|im_start|>user\n<tool_response>\n{result}\n</tool_response>\n<|im_end|>\n
     <|im_start|>assistant\n<think>\n                                 (generation prompt)
 
-Design decisions:
+The template is ours; it renders byte-identically to NVIDIA's published Nano template on every
+conversation shape in ``tests/data/chat_template_nvidia.json`` (rendered by NVIDIA's template). Its rules:
 
-* Every assistant turn opens with a think block; ``<think></think>`` is synthesised when
-  there is no reasoning, and with ``truncate_history_thinking`` (default on) assistant
-  turns *before the last user message* keep only the empty block + content (reasoning of
-  the ongoing tool-calling turn is kept). Reasoning is read from ``reasoning_content``
-  or, failing that, from a ``<think>...</think>`` prefix inside ``content``.
-* ``enable_thinking`` (default on) only changes the generation prompt:
-  ``<think>\n`` (model thinks) vs. ``<think></think>`` (model answers directly).
-* Tool arguments are rendered one ``<parameter=NAME>`` block each; strings verbatim,
-  everything else JSON-encoded. ``arguments`` may be a dict or a JSON string; the string
-  form needs a ``fromjson`` filter, which :func:`render_chat` provides (the
-  ``transformers`` environment does not, so pass dicts there, as its docs ask).
-* The template only uses ``{%- -%}`` tags, so its output does not depend on the
-  ``trim_blocks``/``lstrip_blocks`` settings; :func:`render_chat` nevertheless mirrors
-  the ``transformers`` sandbox (same ``tojson``, ``raise_exception``, ``strftime_now``)
-  so both render byte-identical strings.
+* Reasoning (``reasoning_content``, or a ``<think>...</think>`` inside ``content``) and content are kept
+  verbatim between the separators; only the turn's two ends are trimmed. No think tags at all gives
+  ``<think></think>`` + content.
+* ``truncate_history_thinking`` (default on) drops the reasoning of assistant turns *before the last
+  user message*: a plain answer keeps what follows the last ``</think>`` untrimmed (so
+  ``<think></think>\nHello!``), a tool-calling turn keeps it trimmed (``<think></think>Calling.``).
+* ``enable_thinking`` (default on) only changes the generation prompt: ``<think>\n`` vs ``<think></think>``.
+* Tool-call arguments: containers as JSON, scalars with Jinja's ``|string`` (Python spelling ``True``,
+  ``None``, ``1e+20``). Tool schemas: each parameter's ``type``, ``description``, ``enum`` first, then
+  its other keys; extra keys of ``parameters`` (``additionalProperties``...) and of the function
+  (``strict``...) as ``<key>value</key>`` with the same value spelling.
+
+Deliberate differences, only where NVIDIA's template errors or prints a Python repr (tested):
+``content`` None renders empty, a list of OpenAI content parts renders its text, ``arguments`` may be a
+JSON string (needs the ``fromjson`` filter :func:`render_chat` provides; ``transformers`` has none, so
+pass dicts there), and a conversation that opens with a tool result still opens a user turn.
+
+The template only uses ``{%- -%}`` tags, so its output does not depend on ``trim_blocks`` /
+``lstrip_blocks``; :func:`render_chat` nevertheless mirrors the ``transformers`` sandbox (same
+``tojson``, ``raise_exception``, ``strftime_now``) so both render byte-identical strings.
 """
 
 from __future__ import annotations
@@ -32,140 +38,10 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-CHAT_TEMPLATE = r"""
-{#- ---- options ---------------------------------------------------------------- -#}
-{%- set enable_thinking = enable_thinking if enable_thinking is defined else true -%}
-{%- set truncate_history_thinking = truncate_history_thinking if truncate_history_thinking is defined else true -%}
-
-{#- ---- helpers ---------------------------------------------------------------- -#}
-{%- macro render_content(content) -%}
-    {%- if content is none -%}
-    {%- elif content is string -%}{{- content -}}
-    {%- elif content is mapping -%}{{- content | tojson -}}
-    {%- else -%}
-        {%- for part in content -%}
-            {%- if part is string -%}{{- part -}}
-            {%- elif part is mapping and part.text is defined -%}{{- part.text -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-{%- endmacro -%}
-
-{%- macro render_value(value) -%}
-    {%- if value is string -%}{{- value -}}{%- else -%}{{- value | tojson -}}{%- endif -%}
-{%- endmacro -%}
-
-{%- macro render_tool(tool) -%}
-    {%- set fn = tool.function if tool.function is defined else tool -%}
-    {%- set params = fn.parameters if fn.parameters is mapping else {} -%}
-    {{- '\n<function>\n<name>' ~ fn.name ~ '</name>' -}}
-    {%- if fn.description is string and fn.description | trim -%}
-        {{- '\n<description>' ~ (fn.description | trim) ~ '</description>' -}}
-    {%- endif -%}
-    {{- '\n<parameters>' -}}
-    {%- if params.properties is mapping -%}
-        {%- for name, schema in params.properties | items -%}
-            {{- '\n<parameter>\n<name>' ~ name ~ '</name>' -}}
-            {%- for key, value in (schema if schema is mapping else {}) | items -%}
-                {%- set shown = value | trim if key == 'description' and value is string else render_value(value) -%}
-                {{- '\n<' ~ key ~ '>' ~ shown ~ '</' ~ key ~ '>' -}}
-            {%- endfor -%}
-            {{- '\n</parameter>' -}}
-        {%- endfor -%}
-    {%- endif -%}
-    {%- if params.required is defined -%}
-        {{- '\n<required>' ~ (params.required | tojson) ~ '</required>' -}}
-    {%- endif -%}
-    {{- '\n</parameters>\n</function>' -}}
-{%- endmacro -%}
-
-{%- macro render_tool_call(call) -%}
-    {%- set fn = call.function if call.function is defined else call -%}
-    {%- set args = fn.arguments if fn.arguments is defined and fn.arguments is not none else {} -%}
-    {%- if args is string -%}
-        {%- if 'fromjson' is filter -%}
-            {%- set args = args | fromjson if args | trim else {} -%}
-        {%- else -%}
-            {{- raise_exception('tool_call arguments must be a dict (JSON strings need a fromjson filter)') -}}
-        {%- endif -%}
-    {%- endif -%}
-    {{- '<tool_call>\n<function=' ~ fn.name ~ '>\n' -}}
-    {%- for name, value in args | items -%}
-        {{- '<parameter=' ~ name ~ '>\n' ~ render_value(value) ~ '\n</parameter>\n' -}}
-    {%- endfor -%}
-    {{- '</function>\n</tool_call>\n' -}}
-{%- endmacro -%}
-
-{#- ---- system turn (always emitted) + tool catalogue --------------------------- -#}
-{%- if messages and messages[0].role == 'system' -%}
-    {%- set system_message = render_content(messages[0].content) -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set system_message = '' -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{{- '<|im_start|>system\n' ~ system_message -}}
-{%- if tools -%}
-    {%- if system_message -%}{{- '\n\n' -}}{%- endif -%}
-    {{- '# Tools\n\nYou have access to the following functions:\n\n<tools>' -}}
-    {%- for tool in tools -%}{{- render_tool(tool) -}}{%- endfor -%}
-    {{- '\n</tools>\n\n' -}}
-    {{- 'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
-        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n'
-        '<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n'
-        '</parameter>\n</function>\n</tool_call>\n\n'
-        '<IMPORTANT>\nReminder:\n'
-        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
-        '- Required parameters MUST be specified\n'
-        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
-        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
-        '</IMPORTANT>' -}}
-{%- endif -%}
-{{- '<|im_end|>\n' -}}
-
-{#- ---- conversation ----------------------------------------------------------- -#}
-{%- set ns = namespace(last_user = -1) -%}
-{%- for message in loop_messages -%}
-    {%- if message.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
-{%- endfor -%}
-
-{%- for message in loop_messages -%}
-    {%- set content = render_content(message.content) -%}
-    {%- if message.role == 'assistant' -%}
-        {%- set reasoning = message.reasoning_content if message.reasoning_content is string else '' -%}
-        {%- if '</think>' in content -%}
-            {%- if not reasoning | trim -%}
-                {%- set reasoning = content.split('</think>')[0].split('<think>')[-1] -%}
-            {%- endif -%}
-            {%- set content = content.split('</think>')[-1] -%}
-        {%- endif -%}
-        {%- set keep_reasoning = not (truncate_history_thinking and loop.index0 < ns.last_user) -%}
-        {%- if keep_reasoning and reasoning | trim -%}
-            {%- set body = '<think>\n' ~ (reasoning | trim) ~ '\n</think>\n' ~ (content | trim) -%}
-        {%- else -%}
-            {%- set body = '<think></think>' ~ (content | trim) -%}
-        {%- endif -%}
-        {{- '<|im_start|>assistant\n' ~ (body | trim) -}}
-        {%- if message.tool_calls -%}
-            {{- '\n' -}}
-            {%- for call in message.tool_calls -%}{{- render_tool_call(call) -}}{%- endfor -%}
-        {%- endif -%}
-        {{- '<|im_end|>\n' -}}
-    {%- elif message.role == 'tool' -%}
-        {%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user\n' -}}{%- endif -%}
-        {{- '<tool_response>\n' ~ content ~ '\n</tool_response>\n' -}}
-        {%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
-    {%- else -%}
-        {{- '<|im_start|>' ~ message.role ~ '\n' ~ content ~ '<|im_end|>\n' -}}
-    {%- endif -%}
-{%- endfor -%}
-
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\n' ~ ('<think>\n' if enable_thinking else '<think></think>') -}}
-{%- endif -%}
-""".strip()
+CHAT_TEMPLATE = (Path(__file__).parent / "nemotron3.jinja").read_text(encoding="utf-8")
 
 _REASONING_ALIASES = ("reasoning_content", "reasoning", "thinking")
 

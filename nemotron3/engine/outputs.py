@@ -60,7 +60,6 @@ class RequestMetrics(SpecAcceptance):
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
-
 @dataclass
 class RequestOutput:
     request_id: str
@@ -69,3 +68,32 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+
+
+@dataclass
+class EngineStats(SpecAcceptance):
+    """Engine-wide counters since start (`LLMEngine.stats`)."""
+    steps: int = 0
+    prefill_tokens: int = 0          # prompt tokens run through the backbone (cached ones excluded)
+    cached_tokens: int = 0           # prompt tokens restored from the prefix cache
+    decode_tokens: int = 0           # tokens emitted by decode steps
+    decode_forwards: int = 0
+    spec_verify_steps: int = 0       # (sequence, round) pairs
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state at one moment (`LLMEngine.snapshot()`), what monitoring reads: metrics never
+    reach into the scheduler or the caches themselves."""
+    running: int                     # sequences holding a cache slot
+    waiting: int                     # sequences waiting for one
+    max_num_seqs: int
+    cache_bytes: dict[str, int]      # hybrid cache: Mamba state, K/V buffers, total
+    prefix_cache_bytes: int | None   # None: prefix caching off
+    prefix_cache_hit_rate: float | None
+    steps: int
+    spec_draft_tokens: int
+    spec_accepted_tokens: int
+    spec_acceptance_rate: float | None

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .detokenizer import Detokenizer
 from .reasoning import ThinkingBudget
 from .sampling import Logprob, SamplingParams
 
@@ -65,13 +66,8 @@ class Sequence:
     spec_accepted: int = 0
     answer_start: int | None = 0                 # index in output_ids where the answer (after </think>) starts;
                                                  # None while the output is still inside the prompt's <think>
-    # detokenizer state
-    detok_ids: list[int] = field(default_factory=list)   # a few prompt tokens (context) + output
-    text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
-    sent_text: int = 0                           # characters of `text` already streamed
-    sent_ids: int = 0
+    detok: Detokenizer | None = None              # the output's text (None without a tokenizer)
+    sent_ids: int = 0                            # output ids already streamed
 
     @property
     def seq_id(self) -> tuple[str, int]:

@@ -8,6 +8,11 @@ speculative decoder would see for the k-th draft if all earlier drafts were righ
 heads"): random tokens, then the same tokens again. Nothing in pretraining text predicts a random sequence, so
 the loss on its second copy falls below the first only if the model copies from its context: the skill every
 post-training environment needs (numbers from the question into a tool call, the tool's result into the answer).
+
+Layering: eval sits below train. The trainers import the evaluators (validation loss, this probe, RULER's
+training documents); eval never imports train. So the label convention the two share lives here: `IGNORE`
+marks a position without a target (train/data.py writes it, train/loss.py and `evaluate_lm` read it) and
+`mtp_labels` derives MTP depth k's targets from the next-token labels.
 """
 from __future__ import annotations
 
@@ -16,8 +21,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..train.pretrain import IGNORE, mtp_labels
 from ..tokenizer import SPECIAL_TOKENS
+
+IGNORE = -100          # F.cross_entropy's default ignore_index
+
+
+def mtp_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Depth-k targets [B, T-k]: labels[t+k], IGNORE where any of labels[t..t+k] is IGNORE (the chain
+    t -> t+k+1 crosses a document boundary)."""
+    T = labels.shape[1]
+    out = labels[:, k:].clone()
+    for j in range(k):
+        out[labels[:, j:T - k + j] == IGNORE] = IGNORE
+    return out
 
 
 @torch.inference_mode()

@@ -5,7 +5,8 @@ Each sample is a plain-text continuation prompt for a base model (no chat templa
 
     <instruction>\\n\\n<haystack with needles>\\n<question> <answer prefix>
 
-The haystack is real text from the corpus's **val** split (never training text), cut line by line and
+The haystack is real text from the corpus's **val** split (never training text; the caller reads it, so this
+module needs nothing from train/: eval sits below train), cut line by line and
 cycled when the split is shorter than the requested length; needles are whole lines inserted between
 haystack lines at random depths. Prompts are assembled from separately tokenized pieces, so a prompt is
 `length` tokens exactly (the haystack's last line is cut to fit) and every needle's token ids appear in it
@@ -35,7 +36,6 @@ import bisect
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
 DEFAULT_LENGTHS = (4096, 16384, 65536, 131072)
@@ -107,11 +107,6 @@ class Haystack:
             if not any(self.lines_of(i) for i in order):
                 raise ValueError("the haystack documents have no tokens")
         return out
-
-
-def load_haystack_docs(corpus_dir: str | Path, split: str = "val") -> list[str]:
-    from ..train.corpus import iter_documents
-    return [d["text"] for d in iter_documents(Path(corpus_dir), split)]
 
 
 # ---------------------------------------------------------------------------------------------- needles
@@ -332,26 +327,16 @@ def _short(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- training data
-_TRAIN_HAY: dict = {}
-
-
-def _train_haystack(corpus_dir, tokenizer) -> Haystack:
-    key = (str(Path(corpus_dir).resolve()), getattr(tokenizer, "fingerprint", id(tokenizer)))
-    if key not in _TRAIN_HAY:
-        _TRAIN_HAY[key] = Haystack(load_haystack_docs(corpus_dir, "train"), tokenizer)
-    return _TRAIN_HAY[key]
-
-
-def retrieval_training_docs(n: int, length: int, tokenizer, corpus_dir, seed: int = 0) -> list[str]:
+def retrieval_training_docs(n: int, length: int, tokenizer, haystack, seed: int = 0) -> list[str]:
     """`n` synthetic long-range retrieval documents of about `length` tokens (never more; separately
-    tokenized pieces, so re-tokenizing the text may differ by a few tokens) from the corpus's **train**
-    split. Each embeds 8-16 needles "Note: the code of {key} is {value}." (and, in about a third of the
+    tokenized pieces, so re-tokenizing the text may differ by a few tokens) cut from `haystack` (a `Haystack`
+    or a list of texts: the corpus's **train** split, which the caller reads). Each embeds 8-16 needles "Note: the code of {key} is {value}." (and, in about a third of the
     documents, a 3-variable chain "Let X be 4821337." / "Let Y be X.") at random depths, and ends with 4-8
     query/answer lines "Recall: the code of {key} is {value}." (chains: "Recall: Y is 4821337.") in random
     order. The wording differs from the evaluation prompts on purpose. Deterministic in (seed, n, length)."""
     if length < 256:
         raise ValueError(f"length must be >= 256 tokens, got {length}")
-    hay = _train_haystack(corpus_dir, tokenizer)
+    hay = haystack if isinstance(haystack, Haystack) else Haystack(list(haystack), tokenizer)
     docs = []
     for d in range(n):
         tag = f"ruler-train/{seed}/{length}/{d}"

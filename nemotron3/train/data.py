@@ -21,6 +21,8 @@ Design decisions:
   long and short sequences, as Nemotron 3 mixes 1M- and 4K-token sequences) assigns global step ``k``
   to one component by a fixed weighted cycle; the component's own step counter is the number of
   earlier steps it was given, so a mixture batch is again a pure function of ``k``.
+* A recipe's ``data`` section becomes datasets here (``prepare_data``, ``build_component``): every trainer that
+  reads packed text (pretraining, long-context, SFT) builds its batches the same way.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .corpus import iter_documents
-
-IGNORE_INDEX = -100
+from ..eval.lm import IGNORE
+from ..tokenizer import load_tokenizer, train_tokenizer
+from .corpus import build_corpus, iter_documents, stdlib_root
 
 
 def tokenize_documents(texts, tokenizer, chunk: int = 64) -> np.ndarray:
@@ -149,9 +151,9 @@ class PackedDataset:
         pos = idx[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         window = self.tokens[pos].astype(np.int64)
         x, y = window[:, :-1], window[:, 1:].copy()
-        y[x == self.eos_id] = IGNORE_INDEX
+        y[x == self.eos_id] = IGNORE
         if self.loss_mask is not None:
-            y[self.loss_mask[pos[:, 1:]] == 0] = IGNORE_INDEX
+            y[self.loss_mask[pos[:, 1:]] == 0] = IGNORE
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -230,3 +232,76 @@ class Mixture:
         """Global steps until the first component wraps around."""
         n = len(self.cycle)
         return min(ds.steps_per_epoch(b, world_size) * n // w for ds, b, w in self.components)
+
+
+def build_component(spec: dict, corpus: Path, tok, seed: int, shuffle: bool):
+    """One PackedDataset from a data spec: source "corpus" (the recipe's corpus dir) or another corpus dir
+    (both read `split`, default train), a documents `.jsonl`, a token stream `.npy` (optionally with a
+    `mask` `.npy` of the same length: 1 = learn this token), or "copy": `rows` rows of the in-context copying
+    curriculum cut from the corpus (`copy_task_stream`; spans drawn with the spec's `seed`, default the
+    training seed; `"spans": "random"` draws the copied spans uniformly from the non-special ids, or from the
+    `span_vocab` lowest of them: the most frequent BPE tokens, whose embeddings the text trains; `span_len`
+    and `filler_len` are [lo, hi) ranges).
+    `"pack": false` (documents only) gives every document a row of its own (cut to seq_len, padded, pad
+    targets masked), so a document that must be seen whole (a retrieval document whose questions come at its
+    end) never straddles two rows."""
+    src, T = spec.get("source", "corpus"), spec["seq_len"]
+    if src == "copy":
+        if not isinstance(spec.get("rows"), int) or spec["rows"] < 1:
+            raise ValueError(f"a 'copy' data component needs \"rows\": a positive integer, got {spec.get('rows')!r}")
+        spans = spec.get("spans", "text")
+        if spans not in ("text", "random"):
+            raise ValueError(f"a 'copy' component's \"spans\" must be 'text' or 'random', got {spans!r}")
+        n_ids = spec.get("span_vocab", tok.vocab_size)
+        if not isinstance(n_ids, int) or isinstance(n_ids, bool) or n_ids < 2:
+            raise ValueError(f"a 'copy' component's \"span_vocab\" must be an integer >= 2, got {n_ids!r}")
+        lo = max(tok.special_ids) + 1              # "span_vocab": N draws from the N lowest non-special ids
+        span_ids = (lo, min(tok.vocab_size, lo + n_ids)) if spans == "random" else None
+        lengths = {k: spec[k] for k in ("span_len", "filler_len") if k in spec}
+        tokens, mask = copy_task_stream(load_tokens(corpus, tok), spec["rows"], T, spec.get("seed", seed), span_ids,
+                                        **lengths)
+        return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
+    is_docs = src == "corpus" or Path(src).is_dir() or str(src).endswith(".jsonl")
+    if is_docs and spec.get("pack", True) is False:
+        path = Path(corpus if src == "corpus" else src)
+        path = path / f"{spec.get('split', 'train')}.jsonl" if path.is_dir() else path
+        docs = tok.encode_batch([d["text"] for d in iter_documents(path)], parse_special=False)
+        tokens = np.full(len(docs) * T + 1, tok.pad_id, dtype=np.int32)
+        mask = np.zeros(len(tokens), dtype=np.uint8)
+        for i, ids in enumerate(docs):
+            ids = ids[:T - 1] + [tok.eos_id]
+            tokens[i * T:i * T + len(ids)] = ids
+            mask[i * T + 1:i * T + len(ids)] = 1
+        return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
+    if is_docs:
+        tokens = load_tokens(corpus if src == "corpus" else src, tok, spec.get("split", "train"))
+    elif str(src).endswith(".npy"):
+        tokens = np.load(src, allow_pickle=False)
+    else:
+        raise ValueError(f"data source must be 'corpus', 'copy', a corpus dir, a .jsonl or a .npy file, got {src!r}")
+    mask = np.load(spec["mask"], allow_pickle=False) if spec.get("mask") else None
+    return PackedDataset(tokens, T, tok.eos_id, seed=seed, shuffle=shuffle, loss_mask=mask)
+
+
+def prepare_data(recipe: dict, vocab_size: int):
+    """Build the corpus and train the tokenizer when missing; returns (train Mixture, val PackedDataset).
+    Without `data.mix` the mixture is the corpus train split alone (rows of seq_len, train.batch_size);
+    `data.mix` lists components {source, seq_len, batch_size, weight[, split, mask]}; `data.val` is a spec
+    like a component's (default: the corpus val split at seq_len)."""
+    d, seed = recipe["data"], recipe["train"]["seed"]
+    corpus, tok_dir = Path(d["corpus_dir"]), Path(d["tokenizer_dir"])
+    if not (corpus / "train.jsonl").exists():     # "stdlib/NAME" sources: a file or package of the stdlib
+        sources = None if d["sources"] is None else [
+            str(stdlib_root() / s[len("stdlib/"):]) if s.startswith("stdlib/") else s for s in d["sources"]]
+        build_corpus(corpus, sources=sources)
+    if not (tok_dir / "tokenizer.json").exists():
+        train_tokenizer((doc["text"] for doc in iter_documents(corpus)), vocab_size, tok_dir)
+    tok = load_tokenizer(tok_dir)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer vocab {tok.vocab_size} > model vocab_size {vocab_size}")
+    mix = d.get("mix") or [{"source": "corpus", "seq_len": d["seq_len"], "batch_size": recipe["train"]["batch_size"]}]
+    train = Mixture([(build_component(c, corpus, tok, seed, True), c.get("batch_size", recipe["train"]["batch_size"]),
+                      c.get("weight", 1)) for c in mix])
+    val = build_component({"source": "corpus", "split": "val", "seq_len": d["seq_len"], **(d.get("val") or {})},
+                          corpus, tok, seed, False)
+    return train, val

@@ -8,7 +8,7 @@ a component with `"source": "retrieval"` is generated here first: `docs` synthet
 tokens from the corpus's train split (eval/ruler.retrieval_training_docs: needles and recall lines worded
 differently from the RULER evaluation prompts, whose haystack comes from the val split). The short-context
 validation loss (corpus val split at data.seq_len) is logged so a regression is visible; the same recipe
-trains the ablations (train/surgery.py) for `nemotron3 eval ruler`.
+trains the ablations (train/surgery.py) for `nemotron3 eval ruler`. The recipe is pretraining's.
 """
 from __future__ import annotations
 
@@ -17,21 +17,25 @@ import sys
 from pathlib import Path
 
 from ..tokenizer import load_tokenizer
+from .corpus import iter_documents
+from .recipe import PRETRAIN, stage_parser, train_stage
 
 
 def resolve_retrieval(recipe: dict) -> dict:
     """Replace each `"source": "retrieval"` component by a generated .jsonl (built once, then reused)."""
     d = recipe["data"]
     data_dir = Path(recipe["out_dir"]) / "data"
-    tok = None
+    hay = None
     for i, c in enumerate(d.get("mix") or []):
         if c.get("source") != "retrieval":
             continue
         path = data_dir / f"retrieval-{i}-{c['seq_len']}x{c['docs']}.jsonl"
         if not path.exists():
-            from ..eval.ruler import retrieval_training_docs
-            tok = tok or load_tokenizer(d["tokenizer_dir"])
-            docs = retrieval_training_docs(c["docs"], c["seq_len"], tok, d["corpus_dir"],
+            from ..eval.ruler import Haystack, retrieval_training_docs
+            if hay is None:          # the corpus's train split, tokenized once for every component
+                tok = load_tokenizer(d["tokenizer_dir"])
+                hay = Haystack([doc["text"] for doc in iter_documents(d["corpus_dir"], "train")], tok)
+            docs = retrieval_training_docs(c["docs"], c["seq_len"], tok, hay,
                                            seed=c.get("seed", recipe["train"]["seed"]) + i)
             data_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -43,15 +47,11 @@ def resolve_retrieval(recipe: dict) -> dict:
 
 
 def main(argv=None):
-    from .pretrain import load_recipe, run_stage, stage_overrides, stage_parser, train
+    from .pretrain import train
     ap = stage_parser("python -m nemotron3.train.longctx", __doc__)
     ap.add_argument("--init", help="model dir to extend (overrides the recipe's init)")
     a = ap.parse_args(argv)
-    over = stage_overrides(a)
-    if a.init:
-        over["init"] = a.init
-    run_stage(ap, lambda: train(resolve_retrieval(load_recipe(a.recipe, over)), resume=a.resume,
-                                max_steps=a.max_steps, progress=not a.no_progress))
+    train_stage(ap, a, PRETRAIN, train, prepare=resolve_retrieval, overrides={"init": a.init} if a.init else None)
 
 
 if __name__ == "__main__":

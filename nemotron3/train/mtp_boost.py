@@ -34,9 +34,10 @@ import torch.nn.functional as F
 
 from .. import checkpoint
 from ..engine import LLM, SamplingParams
-from .pretrain import (apply_overrides, export, find_checkpoint, load_checkpoint, run_stage, save_checkpoint,
-                       stage_overrides, stage_parser)
+from .optim import set_lr, warmup_lr
+from .recipe import Schema, stage_parser, train_stage
 from .rollout import prompt_tokens, rollout
+from .state import RunLog, export, load_checkpoint, resumable_checkpoint, save_checkpoint, seed_everything
 
 BOOST_DEFAULTS = dict(depths=3, steps=200, lr=3e-4, warmup_steps=10, batch_size=8, temperature=2.0,
                       weight_decay=0.0, betas=[0.9, 0.95], grad_clip=1.0, seed=0, threads=1, save_every=50,
@@ -45,13 +46,9 @@ DATA_DEFAULTS = dict(source="rollouts", envs=["calc", "code", "format"], tasks_p
                      temperature=1.0, max_tokens=256, max_total_tokens=1024, thinking_fraction=0.5,
                      tokens=None, mask=None, seq_len=512)
 ACCEPT_DEFAULTS = dict(k=3, tasks_per_env=8, max_tokens=128, ignore_eos=False)
-
-
-def load_recipe(path, overrides: dict | None = None) -> dict:
-    r = json.loads(Path(path).read_text()) if path is not None else {}
-    r = {"out_dir": "runs/mtp-boost", **r, "boost": {**BOOST_DEFAULTS, **r.get("boost", {})},
-         "data": {**DATA_DEFAULTS, **r.get("data", {})}, "acceptance": {**ACCEPT_DEFAULTS, **r.get("acceptance", {})}}
-    return apply_overrides(r, overrides)
+RECIPE = Schema(top={"init": None, "out_dir": "runs/mtp-boost"},
+                sections={"boost": BOOST_DEFAULTS, "data": DATA_DEFAULTS, "acceptance": ACCEPT_DEFAULTS},
+                required=("init",))
 
 
 def boost_loss(model, ids: torch.Tensor, mask: torch.Tensor, depths: int, T: float = 2.0):
@@ -133,30 +130,17 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
     b, d, a = recipe["boost"], recipe["data"], recipe["acceptance"]
     torch.set_num_threads(b["threads"])
     out_dir = Path(recipe["out_dir"])
-    ckpt = find_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose another out_dir")
-    torch.manual_seed(b["seed"])
-    random.seed(b["seed"])
-    np.random.seed(b["seed"])
+    ckpt = resumable_checkpoint(out_dir, resume)
+    seed_everything(b["seed"])
     tok = load_tokenizer(recipe["init"])
     model = checkpoint.load(ckpt or recipe["init"], dtype=torch.float32)
     params = freeze_backbone(model)
     opt = torch.optim.AdamW(params, lr=b["lr"], betas=tuple(b["betas"]), weight_decay=b["weight_decay"])
     state = {"step": 0, "elapsed": 0.0, "before": None}
     if ckpt is not None:
-        state.update({k: v for k, v in load_checkpoint(ckpt, model, opt).items() if k in state})
+        load_checkpoint(ckpt, model, opt, state)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "log.jsonl"
-    keep = []
-    if ckpt is not None and log_path.exists():
-        keep = [x for x in log_path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= state["step"]]
-    log_path.write_text("".join(x + "\n" for x in keep))
-    (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=1))
-
-    def log(rec):
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"step": state["step"], **rec}) + "\n")
+    log = RunLog(out_dir, recipe, state, resumed=ckpt is not None)
 
     envs = d["envs"]
     prompts = _accept_prompts(tok, a, envs) if a["k"] else []
@@ -174,9 +158,8 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
         t0 = time.perf_counter()
         rng = random.Random(f"{b['seed']}:{step}")
         ids, mask = _batch(rows, [rng.randrange(len(rows)) for _ in range(b["batch_size"])])
-        lr = b["lr"] * min(1.0, (step + 1) / b["warmup_steps"]) if b["warmup_steps"] else b["lr"]
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = warmup_lr(step, b["lr"], b["warmup_steps"])
+        set_lr(opt, lr)
         loss, per = boost_loss(model, ids, mask, b["depths"], b["temperature"])
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, b["grad_clip"])
@@ -194,7 +177,7 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
             save_checkpoint(out_dir, model, opt, state)
     result = {"step": step, "before": state["before"]}
     if step >= b["steps"]:
-        export(out_dir / "checkpoint", out_dir / "model", "bfloat16", recipe["init"])
+        export(out_dir, recipe["init"])
         if prompts:
             result["after"] = acceptance(out_dir / "model", prompts, a["k"], a["max_tokens"], ignore_eos=a["ignore_eos"])
             log({"phase": "acceptance", "when": "after", **result["after"]})
@@ -205,9 +188,7 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
 
 def main(argv=None):
     ap = stage_parser("python -m nemotron3.train.mtp_boost", __doc__, progress=False)
-    args = ap.parse_args(argv)
-    run_stage(ap, lambda: train(load_recipe(args.recipe, stage_overrides(args)), resume=args.resume,
-                                max_steps=args.max_steps))
+    train_stage(ap, ap.parse_args(argv), RECIPE, train)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ Design decisions (sources: /work/shared/reference/recipes.md §4.3-4.4):
 * Rewards come from `Env.score` (penalties for malformed tool calls / unclosed thinking included).
 * MoE routers are frozen and the correction bias is never updated (NeMo-RL `freeze_moe_router`,
   `moe_router_load_balancing_type: none`); the MTP block is not trained here (see mtp_boost.py).
-* Checkpoints, resume, log.jsonl and export follow pretrain.py (atomic safetensors checkpoints; the batch of a
-  step is a pure function of (seed, step, weights), so `--resume` replays the uninterrupted run).
+* Checkpoints, resume, log.jsonl and export are state.py's, as for every trainer (atomic safetensors
+  checkpoints; the batch of a step is a pure function of (seed, step, weights), so `--resume` replays the
+  uninterrupted run).
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ import torch
 
 from .. import checkpoint
 from ..engine import LLM, SamplingParams
-from .pretrain import (apply_overrides, export, find_checkpoint, load_checkpoint, param_groups, run_stage,
-                       save_checkpoint, stage_overrides, stage_parser)
+from .optim import adamw, set_lr, warmup_lr
+from .recipe import Schema, stage_parser, train_stage
 from .rollout import Rollout, rollout
+from .state import RunLog, export, load_checkpoint, resumable_checkpoint, save_checkpoint, seed_everything
 
 RL_DEFAULTS = dict(
     prompts_per_step=8, group_size=4, lr=1e-5, warmup_steps=0, steps=100, temperature=1.0, top_p=1.0,
@@ -55,17 +57,9 @@ RL_DEFAULTS = dict(
     freeze_router=True)
 WARMUP_DEFAULTS = dict(steps=0, tasks_per_env=32, samples=2, temperature=0.7, batch_size=8, lr=1e-5)
 ENVS_DEFAULT = ["calc", "code", "format"]
-
-
-def load_recipe(path, overrides: dict | None = None) -> dict:
-    r = json.loads(Path(path).read_text()) if path is not None else {}
-    r = {"mode": "grpo", "envs": list(ENVS_DEFAULT), "teachers": {}, "out_dir": "runs/rl", **r}
-    r["rl"] = {**RL_DEFAULTS, **r.get("rl", {})}
-    r["warmup_sft"] = {**WARMUP_DEFAULTS, **r.get("warmup_sft", {})}
-    apply_overrides(r, overrides)
-    if r["mode"] not in ("grpo", "mopd"):
-        raise ValueError(f"mode must be 'grpo' or 'mopd', got {r['mode']!r}")
-    return r
+RECIPE = Schema(top={"init": None, "out_dir": "runs/rl", "mode": "grpo", "envs": ENVS_DEFAULT, "teachers": {}},
+                sections={"rl": RL_DEFAULTS, "warmup_sft": WARMUP_DEFAULTS}, required=("init",),
+                choices={"mode": ("grpo", "mopd")})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,8 +267,7 @@ def warmup_sft(model, opt, tok, envs: dict, teachers: dict, w: dict, r: dict, lo
     for s in range(w["steps"]):
         rng = random.Random(f"{r['seed']}:warmup:{s}")
         batch = [data[rng.randrange(len(data))] for _ in range(w["batch_size"])]
-        for g in opt.param_groups:
-            g["lr"] = w["lr"]
+        set_lr(opt, w["lr"])
         ids, m = pad_batch(batch)
         lp = token_logprobs(model, ids)
         loss = -(lp * m).sum() / m.sum().clamp(min=1)
@@ -291,12 +284,8 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
     r, mode = recipe["rl"], recipe["mode"]
     torch.set_num_threads(r["threads"])
     out_dir = Path(recipe["out_dir"])
-    ckpt = find_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose another out_dir")
-    torch.manual_seed(r["seed"])
-    random.seed(r["seed"])
-    np.random.seed(r["seed"])
+    ckpt = resumable_checkpoint(out_dir, resume)
+    seed_everything(r["seed"])
     model = checkpoint.load(ckpt or recipe["init"], dtype=torch.float32)
     tok = load_tokenizer(recipe["init"])
     if model.mtp is not None:
@@ -304,12 +293,10 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
     if r["freeze_router"]:
         for m in model.moe_layers():
             m.gate.requires_grad_(False)
-    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
-              for g in param_groups(model, r["weight_decay"])]
-    opt = torch.optim.AdamW(groups, lr=r["lr"], betas=tuple(r["betas"]), eps=r["eps"])
+    opt = adamw(model, r)
     state = {"step": 0, "elapsed": 0.0, "tokens": 0, "warmup_done": False}
     if ckpt is not None:
-        state.update({k: v for k, v in load_checkpoint(ckpt, model, opt).items() if k in state})
+        load_checkpoint(ckpt, model, opt, state)
         print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
     names = list(recipe["envs"])
     envs = {n: get_env(n) for n in names}
@@ -325,17 +312,7 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
                 loaded[path] = checkpoint.load(path, dtype=torch.float32).eval().requires_grad_(False)
             teachers[n] = loaded[path]
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path, png = out_dir / "log.jsonl", out_dir / "rl.png"
-    keep = []
-    if ckpt is not None and log_path.exists():
-        keep = [x for x in log_path.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= state["step"]]
-    log_path.write_text("".join(x + "\n" for x in keep))
-    (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=1))
-
-    def log(rec):
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"step": state["step"], **rec}) + "\n")
-
+    log = RunLog(out_dir, recipe, state, resumed=ckpt is not None)
     if mode == "mopd" and not state["warmup_done"]:
         if recipe["warmup_sft"]["steps"] > 0:
             warmup_sft(model, opt, tok, envs, teachers, recipe["warmup_sft"], r, log)
@@ -379,9 +356,8 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
                 tok_n = sum(float(m[i].sum()) for i in idx)
                 if tok_n:
                     extra["reverse_kl_env"][env] = sum(float((-adv_tok[i] * m[i]).sum()) for i in idx) / tok_n
-        lr = r["lr"] * min(1.0, (step + 1) / r["warmup_steps"]) if r["warmup_steps"] else r["lr"]
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = warmup_lr(step, r["lr"], r["warmup_steps"])
+        set_lr(opt, lr)
         upd = dict(loss=0.0, clip_frac=0.0, grad_norm=0.0, updates=0)
         if train_rolls:
             model.train()
@@ -418,18 +394,15 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None) -> d
                   file=sys.stderr, flush=True)
         if step % r["save_every"] == 0 or step == end:
             save_checkpoint(out_dir, model, opt, state)
-            plot(log_path, png)
+            plot(log.path, out_dir / "rl.png")
     if step >= r["steps"]:
-        export(out_dir / "checkpoint", out_dir / "model", "bfloat16", recipe["init"])
-        print(f"exported {out_dir / 'model'}", file=sys.stderr)
+        print(f"exported {export(out_dir, recipe['init'])}", file=sys.stderr)
     return {"step": step}
 
 
 def main(argv=None):
     ap = stage_parser("python -m nemotron3.train.rl", __doc__, progress=False)
-    a = ap.parse_args(argv)
-    run_stage(ap, lambda: train(load_recipe(a.recipe, stage_overrides(a)), resume=a.resume,
-                                max_steps=a.max_steps))
+    train_stage(ap, ap.parse_args(argv), RECIPE, train)
 
 
 if __name__ == "__main__":

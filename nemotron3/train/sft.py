@@ -17,7 +17,8 @@ pretraining). Every segment boundary sits next to a special token, so encoding t
 exactly the tokens of encoding the whole rendering (tested).
 
 Training itself is the pretraining loop (pretrain.train) on a `.npy` token stream with a loss mask, started
-from `init` (the long-context-extended base); LM + MTP loss, MoE balancing as in pretraining.
+from `init` (the long-context-extended base); LM + MTP loss, MoE balancing as in pretraining. The recipe is
+pretraining's plus an `sft` section (SFT_DEFAULTS; `sft.copy` is a data component).
 """
 from __future__ import annotations
 
@@ -30,11 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from ..tokenizer import load_tokenizer
+from .recipe import PRETRAIN, stage_parser, train_stage
 
 ASSISTANT, END, THINK_CLOSE = "<|im_start|>assistant\n", "<|im_end|>", "</think>"
 SFT_DEFAULTS = dict(envs=["calc", "code", "format"], train_per_env=600, val_per_env=30, seed=0,
                     modes={"think": 0.5, "off": 0.2, "budget": 0.15, "medium": 0.15},
                     copy=None)
+RECIPE = PRETRAIN.extend({"sft": SFT_DEFAULTS}, components=("sft.copy",))
 
 
 def _first_sentence(text: str) -> str:
@@ -132,7 +135,7 @@ def build_sft_data(out_dir, tokenizer_dir, envs=SFT_DEFAULTS["envs"], train_per_
 
 def sft_recipe(recipe: dict) -> dict:
     """Fill `data` from `sft`: build the data when missing, point the trainer's mixture and val at it."""
-    s = {**SFT_DEFAULTS, **recipe.get("sft", {})}
+    s = recipe["sft"]
     data_dir = Path(recipe["out_dir"]) / "data"
     if not (data_dir / "val.mask.npy").exists():
         stats = build_sft_data(data_dir, recipe["data"]["tokenizer_dir"], s["envs"], s["train_per_env"],
@@ -141,7 +144,7 @@ def sft_recipe(recipe: dict) -> dict:
     T = recipe["data"]["seq_len"]
     recipe["data"]["mix"] = [{"source": str(data_dir / "train.tokens.npy"), "mask": str(data_dir / "train.mask.npy"),
                               "seq_len": T, "batch_size": recipe["train"]["batch_size"], "weight": 2}]
-    if s["copy"]:       # a "copy" data component (pretrain._component) that keeps the copying skill alive
+    if s["copy"]:       # a "copy" data component (data.build_component) that keeps the copying skill alive
         recipe["data"]["mix"].append({"seed": s["seed"], **s["copy"], "source": "copy"})
     recipe["data"]["val"] = {"source": str(data_dir / "val.tokens.npy"), "mask": str(data_dir / "val.mask.npy"),
                              "seq_len": T}
@@ -149,11 +152,9 @@ def sft_recipe(recipe: dict) -> dict:
 
 
 def main(argv=None):
-    from .pretrain import load_recipe, run_stage, stage_overrides, stage_parser, train
+    from .pretrain import train
     ap = stage_parser("python -m nemotron3.train.sft", __doc__)
-    a = ap.parse_args(argv)
-    run_stage(ap, lambda: train(sft_recipe(load_recipe(a.recipe, stage_overrides(a))), resume=a.resume,
-                                max_steps=a.max_steps, progress=not a.no_progress))
+    train_stage(ap, ap.parse_args(argv), RECIPE, train, prepare=sft_recipe)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ attention" are the two arms of one ablation that differ only in the layer type. 
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
 
 import torch
 
 from .. import checkpoint
 from ..config import NemotronConfig
 from ..model import NemotronHForCausalLM
-from .pretrain import TOKENIZER_FILES
+from .state import copy_tokenizer
 
 
 def transplant(src: NemotronHForCausalLM, config: NemotronConfig, fresh_layers=(), seed: int = 0):
@@ -57,9 +55,7 @@ def main(argv=None):
     fresh = [int(i) for i in a.fresh.split(",") if i.strip()]
     model, new = transplant(src, src.config.replace(**changes), fresh, a.seed)
     checkpoint.save(model, a.dst, dtype=torch.float32)
-    for f in TOKENIZER_FILES:
-        if (Path(a.src) / f).exists():
-            shutil.copyfile(Path(a.src) / f, Path(a.dst) / f)
+    copy_tokenizer(a.src, a.dst)
     n_new = sum(model.state_dict()[k].numel() for k in new)
     print(f"{a.dst}: pattern {model.config.pattern}, {model.num_parameters():,} params, "
           f"{n_new:,} freshly initialised in {len(new)} tensors")

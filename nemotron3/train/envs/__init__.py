@@ -1,7 +1,8 @@
 """Procedurally generated, verifiable environments for post-training (SFT data, GRPO, distillation).
 
 * `calc`   (`CalculatorEnv`): arithmetic / unit-conversion word problems with a `calculator` tool.
-* `code`   (`CodeEnv`): predict the stdout of a short Python snippet (checked against a sandboxed run).
+* `code`   (`CodeEnv`): predict the stdout of a short Python snippet (checked against a run in
+  `nemotron3.sandbox`).
 * `format` (`FormatEnv`): answer under a verifiable format constraint (JSON, bullets, N words, case).
 
 Every task is a pure function of `(split, index)`; train and test problems never share a problem text
@@ -9,10 +10,9 @@ Every task is a pure function of `(split, index)`; train and test problems never
 `DEMO_TOOLS` / `execute_demo_tool` are the tools `nemotron3 chat --tools` offers.
 """
 from .base import Env, Episode, Task, reward_for, split_of, step
-from .calc import CalculatorEnv
+from .calc import CalculatorEnv, calculate, format_number
 from .code import CodeEnv
 from .format import FormatEnv
-from .sandbox import calculate, format_number, run_python
 from .tools import DEMO_TOOLS, execute_demo_tool
 
 ENVS: dict[str, type[Env]] = {"calc": CalculatorEnv, "code": CodeEnv, "format": FormatEnv}
@@ -26,5 +26,5 @@ def get_env(name: str) -> Env:
         raise ValueError(f"unknown env {name!r} (envs: {', '.join(ENVS)})") from None
 
 
-__all__ = ["Task", "Episode", "Env", "ENVS", "get_env", "CalculatorEnv", "CodeEnv", "FormatEnv", "run_python",
-           "calculate", "DEMO_TOOLS", "execute_demo_tool", "step", "reward_for", "split_of", "format_number"]
+__all__ = ["Task", "Episode", "Env", "ENVS", "get_env", "CalculatorEnv", "CodeEnv", "FormatEnv", "calculate",
+           "DEMO_TOOLS", "execute_demo_tool", "step", "reward_for", "split_of", "format_number"]

@@ -148,8 +148,8 @@ class Env:
         carries reasoning or any raw turn contains `</think>`.
 
         Errors: `unclosed_think` (thinking on and a raw turn lacks `</think>`, or a `<think>` opened in the
-        raw text is never closed), `bad_tool_call` (a `<tool_call>` that does not parse), `unknown_tool`
-        (a call to a tool the task does not offer), `no_answer` (the final assistant content is empty),
+        raw text is never closed), `bad_tool_call` (a `<tool_call>` that does not parse, or only by recovering
+        missing closing tags), `unknown_tool` (a call to a tool the task does not offer), `no_answer` (the final assistant content is empty),
         `too_many_turns` (more assistant turns than `max_turns`, or the budget ran out on a tool call),
         `tool_in_answer_turn` (the final assistant turn calls tools). See `reward_for` for the reward."""
         assistants = [m for m in messages if m.get("role") == "assistant"]
@@ -170,7 +170,8 @@ class Env:
             n_open = raw.count(CALL_OPEN)
             if n_open:
                 parsed = parse_output(raw, thinking=thinking, tools=task.tools)
-                if CALL_OPEN in parsed.content or len(parsed.tool_calls) < n_open:
+                if CALL_OPEN in parsed.content or len(parsed.tool_calls) < n_open or \
+                        not all(c.well_formed for c in parsed.tool_calls):
                     add("bad_tool_call")
         allowed = {t["function"]["name"] for t in task.tools or []}
         for m in assistants:
@@ -203,7 +204,8 @@ def step(env: Env, task: Task, history: list[dict], raw: str, thinking: bool = T
     """
     d = parse_output(raw, thinking=thinking, tools=task.tools)
     turn = sum(1 for m in history if m.get("role") == "assistant") + 1
-    calls = [tool_call_message(f"call_{turn}_{i}", c.name, c.arguments) for i, c in enumerate(d.tool_calls)]
+    calls = [tool_call_message(f"call_{turn}_{i}", c.name, c.arguments)
+             for i, c in enumerate(c for c in d.tool_calls if c.well_formed)]
     msg = {"role": "assistant", "content": d.content.strip(), "reasoning_content": d.reasoning.strip()}
     if calls:
         msg["tool_calls"] = calls

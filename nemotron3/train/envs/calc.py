@@ -3,14 +3,106 @@
 The ideal episode: call `calculator(expression=...)`, read the result, answer "The answer is:\nN". The answer
 is graded on the *last number* in the final content (commas as thousands separators allowed), normalised
 with `format_number` (ints without `.0`, floats rounded to 4 decimals) and compared with the exact result.
+
+The calculator itself (`calculate`) evaluates arithmetic only, over the AST (numbers, `+ - * / // % **`,
+parentheses, unary +/-), with limits on the expression length, exponent size and result magnitude; anything
+else gives `"error: ..."`. It runs in-process: it never executes code.
 """
 from __future__ import annotations
 
+import ast
+import math
+import operator
 import random
 import re
 
 from .base import Env, Task, tool_call_message
-from .sandbox import calculate, format_number
+
+MAX_EXPRESSION_CHARS = 300
+MAX_ABS_RESULT = 10 ** 30          # larger intermediate results are refused
+MAX_EXPONENT = 100
+
+
+def format_number(x) -> str:
+    """Canonical text of a number: integers (and floats with an integral value) without `.0`, other floats
+    rounded to 4 decimal places with trailing zeros dropped (`6.25`, `3.3333`, `0.5`); `-0` becomes `0`."""
+    if isinstance(x, bool):
+        x = int(x)
+    if isinstance(x, int):
+        return str(x)
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    r = round(x, 4)
+    if r == int(r) and abs(r) < 1e18:
+        return str(int(r))
+    return f"{r:.4f}".rstrip("0").rstrip(".")
+
+
+class CalcError(ValueError):
+    pass
+
+
+def _check(v):
+    if isinstance(v, complex):
+        raise CalcError("complex result")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise CalcError("result is not finite")
+    if abs(v) > MAX_ABS_RESULT:
+        raise CalcError("result too large")
+    return v
+
+
+def _pow(a, b):
+    if abs(b) > MAX_EXPONENT:
+        raise CalcError(f"exponent too large (max {MAX_EXPONENT})")
+    if a != 0 and abs(b) * math.log10(abs(a)) > 30:
+        raise CalcError("result too large")
+    if a == 0 and b < 0:
+        raise CalcError("division by zero")
+    return a ** b
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _pow}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def _eval(node):
+    if isinstance(node, ast.Expression):
+        return _eval(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return _check(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        a, b = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
+            raise CalcError("division by zero")
+        return _check(_BINOPS[type(node.op)](a, b))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _check(_UNARY[type(node.op)](_eval(node.operand)))
+    raise CalcError(f"unsupported syntax: {type(node).__name__}")
+
+
+def calculate(expression: str) -> str:
+    """Evaluate an arithmetic expression safely; the formatted result, or `"error: ..."`."""
+    if not isinstance(expression, str):
+        expression = str(expression)
+    expr = expression.strip().replace("×", "*").replace("÷", "/").replace("^", "**")
+    if not expr:
+        return "error: empty expression"
+    if len(expr) > MAX_EXPRESSION_CHARS:
+        return f"error: expression longer than {MAX_EXPRESSION_CHARS} characters"
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError):
+        return "error: invalid expression"
+    try:
+        return format_number(_eval(tree))
+    except CalcError as e:
+        return f"error: {e}"
+    except (OverflowError, ZeroDivisionError, RecursionError, MemoryError) as e:
+        return f"error: {type(e).__name__}"
+
 
 CALCULATOR_TOOL = {
     "type": "function",

@@ -1,8 +1,8 @@
 """`code`: predict what a short Python snippet prints. No tools.
 
-Ground truth is the snippet's stdout from `run_python` (computed once per task, cached). Answer extraction:
-the text after the last `Output:` (case-insensitive) in the final content, or the whole content when there
-is none; code fences are dropped. Both sides are normalised (`normalize_output`: lines right-stripped,
+Ground truth is the snippet's stdout from `nemotron3.sandbox.run_python` (computed once per task, cached).
+Answer extraction: the text after the last `Output:` (case-insensitive) in the final content, or the whole
+content when there is none; code fences are dropped. Both sides are normalised (`normalize_output`: lines right-stripped,
 leading/trailing blank lines removed) and compared exactly.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 import re
 
+from ...sandbox import run_python
 from .base import Env, Task
-from .sandbox import run_python
 
 WORDS = ["cat", "dog", "sun", "tree", "code", "book", "star", "fish", "moon", "lamp", "rain", "bird",
          "python", "apple", "river", "stone", "cloud", "green"]
@@ -123,9 +123,10 @@ class CodeEnv(Env):
                 "expected": expected, "difficulty": level}
 
     def _finish(self, split: str, index: int, p: dict) -> Task:
-        ok, out = run_python(p["code"])
-        if not ok:
-            raise RuntimeError(f"code task {split}/{index} failed in the sandbox: {out}")
+        r = run_python(p["code"])
+        if not r.ok:
+            raise RuntimeError(f"code task {split}/{index} failed in the sandbox: {r.text()}")
+        out = r.stdout
         return Task(env=self.name, split=split, index=index, messages=[{"role": "user", "content": p["text"]}],
                     tools=None, answer=out, meta={"difficulty": p["difficulty"], "code": p["code"],
                                                   "trace": p["trace"]})

@@ -1,8 +1,11 @@
-"""Demo tools for `nemotron3 chat --tools`: a calculator and a sandboxed Python runner."""
+"""Demo tools for `nemotron3 chat --tools`: a calculator and Python run in `nemotron3.sandbox`.
+
+The python tool fails closed like the sandbox: where it cannot run, the tool result says why (the model
+sees an error, the chat goes on) unless the user opted in with --unsafe-no-sandbox."""
 from __future__ import annotations
 
-from .calc import CALCULATOR_TOOL
-from .sandbox import calculate, run_python
+from ...sandbox import SandboxUnavailable, run_python
+from .calc import CALCULATOR_TOOL, calculate
 
 MAX_TOOL_OUTPUT = 2000
 
@@ -30,8 +33,12 @@ def execute_demo_tool(name: str, arguments: dict) -> str:
     elif name == "python":
         if "code" not in args:
             return "error: missing required parameter 'code'"
-        ok, out = run_python(str(args["code"]))
-        if ok and not out.strip():
+        try:
+            r = run_python(str(args["code"]))
+        except SandboxUnavailable as e:
+            return f"error: {e}"
+        out = r.text()
+        if r.ok and not out.strip():
             out = "(no output)"
     else:
         return f"error: unknown tool {name!r} (available: calculator, python)"

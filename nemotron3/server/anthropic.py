@@ -9,7 +9,7 @@ Mapping (design decisions):
 * Thinking is **off unless requested**, as in Anthropic's API: `thinking: {type: enabled, budget_tokens}`
   turns it on with that budget (it must be below `max_tokens`), `{type: adaptive}` turns it on without a
   budget. Reasoning comes back as `thinking` blocks with an empty `signature` (there is nothing to sign).
-* `tool_choice` `any` / `tool` steer like OpenAI's `required` / named function (see app.py); `none` leaves
+* `tool_choice` `any` / `tool` steer like OpenAI's `required` / named function (see serving.py); `none` leaves
   the tools out; `disable_parallel_tool_use` keeps the first call. Only custom tools (name, description,
   input_schema) exist here; server tools (`web_search_...`) are refused.
 * `usage.input_tokens` counts the prompt tokens that were computed; `cache_read_input_tokens` those restored
@@ -26,13 +26,14 @@ import logging
 import uuid
 from contextlib import aclosing
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..chat.parsers import CALL_OPEN, StreamParser, parse_output
-from . import protocol as P
-from .app import SSE_HEADERS, ChatPlan, Server, _ChatStreamState, _with_system_note, until_disconnect
+from ..chat.parsers import StreamParser, parse_output
+from . import protocol
+from .http import SSE_HEADERS, until_disconnect
 from .protocol import APIError
+from .serving import ChatPlan, ChatStreamState, Server, with_system_note
 
 log = logging.getLogger("nemotron3.server")
 
@@ -154,7 +155,7 @@ def plan_messages(server: Server, req, *, count_only=False):
     messages = convert_messages(req)
     tools, forced, note, parse_tools = convert_tools(server, req)
     if note:
-        messages = _with_system_note(messages, note)
+        messages = with_system_note(messages, note)
     th = req.thinking
     kwargs, mode, budget = {}, "off", None
     if th is not None and th.type in ("enabled", "adaptive"):
@@ -167,18 +168,15 @@ def plan_messages(server: Server, req, *, count_only=False):
     text, ids = server.render(messages, tools if parse_tools else None, kwargs)
     if count_only:
         return ids
-    server.check_length(len(ids), req.max_tokens)
-    prefix = None
-    if note:
-        prefix = server.encode(f"{CALL_OPEN}\n<function={forced}>\n" if forced else f"{CALL_OPEN}\n<function=")
     params = server.params(
         n=1, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, max_tokens=req.max_tokens,
         stop=server.check_stop(req.stop_sequences, "stop_sequences"), skip_special_tokens=False,
-        reasoning_mode=mode, thinking_budget=budget, answer_prefix_ids=prefix)
-    parallel = not (req.tool_choice and req.tool_choice.disable_parallel_tool_use)
-    thinking = text.rfind("<think>") > text.rfind("</think>")
-    return ChatPlan(ids, params, thinking, tools, parse_tools, parallel, False, 0)
+        reasoning_mode=mode, thinking_budget=budget,
+        answer_prefix_ids=server.tool_call_prefix(forced) if note else None)
+    return ChatPlan(ids, server.check_request(ids, params), thinking=text.rfind("<think>") > text.rfind("</think>"),
+                    tools=tools, parse_tools=parse_tools,
+                    parallel=not (req.tool_choice and req.tool_choice.disable_parallel_tool_use))
 
 
 def _stop(c, has_calls: bool, stops: list[str]) -> tuple[str, str | None]:
@@ -214,7 +212,7 @@ def message_response(final, plan: ChatPlan, mid: str, model: str, stops: list[st
 
 
 async def message_stream(server: Server, plan: ChatPlan, mid: str, model: str, stops: list[str]):
-    st = _ChatStreamState(StreamParser(plan.thinking, plan.tools, plan.parse_tools), plan.parallel)
+    st = ChatStreamState(StreamParser(plan.thinking, plan.tools, plan.parse_tools), plan.parallel)
     idx, open_type, started = -1, None, False
     events: list[str] = []
 
@@ -278,15 +276,15 @@ async def message_stream(server: Server, plan: ChatPlan, mid: str, model: str, s
                                                    "usage": {"output_tokens": len(c.token_ids)}})
                     yield _event("message_stop", {"type": "message_stop"})
     except APIError as e:
-        yield _event("error", P.anthropic_error(e.status, e.message))
+        yield _event("error", protocol.anthropic_error(e.status, e.message))
     except Exception:
         log.exception("messages stream failed")
-        yield _event("error", P.anthropic_error(500, "internal server error"))
+        yield _event("error", protocol.anthropic_error(500, "internal server error"))
 
 
-def add_routes(app, server: Server) -> None:
+def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages")
-    async def messages(req: P.MessagesRequest, request: Request):
+    async def messages(req: protocol.MessagesRequest, request: Request):
         server.check_model(req.model)
         plan = plan_messages(server, req)
         server.admit(1)
@@ -298,11 +296,11 @@ def add_routes(app, server: Server) -> None:
         final = await until_disconnect(request, server.final(plan.ids, plan.params, "messages"))
         if final is None:
             return Response(status_code=499)
-        return JSONResponse(P.MessagesResponse.model_validate(
+        return JSONResponse(protocol.MessagesResponse.model_validate(
             message_response(final, plan, mid, req.model, stops)).model_dump())
 
     @app.post("/v1/messages/count_tokens")
-    async def count_tokens(req: P.CountTokensRequest):
+    async def count_tokens(req: protocol.CountTokensRequest):
         server.check_model(req.model)
         ids = plan_messages(server, req, count_only=True)
         return {"input_tokens": len(ids)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TextIO
 
-from .parsers import StreamParser
+from .chat.parsers import StreamParser
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /exit, /reset, /think on|off, /help"
@@ -29,8 +29,8 @@ def run_chat(engine, *, system: str | None = None, thinking: bool = True, thinki
     the model; its tool calls are executed (`tool_executor`, default `execute_demo_tool`), shown as
     `[tool call] ...` / `[tool result] ...`, and the model continues, up to `MAX_TOOL_ROUNDS` rounds per
     user message."""
-    from ..engine import SamplingParams
-    from ..tokenizer import encode_text
+    from .engine import SamplingParams
+    from .tokenizer import encode_text
     out = out or sys.stdout
     color = out.isatty() if color is None else color
     dim, reset = (DIM, RESET) if color else ("", "")
@@ -39,7 +39,7 @@ def run_chat(engine, *, system: str | None = None, thinking: bool = True, thinki
         raise ValueError("chat needs a model directory with a tokenizer")
     tool_schemas = None
     if tools:
-        from ..train.envs.tools import DEMO_TOOLS, execute_demo_tool
+        from .train.envs.tools import DEMO_TOOLS, execute_demo_tool
         tool_schemas = DEMO_TOOLS
         tool_executor = tool_executor or execute_demo_tool
     history: list[dict] = []

@@ -1,5 +1,5 @@
 /* Small-batch decode step in C: the whole backbone for one new token of each of B sequences in one call
- * (see decode.py), on N threads, reading every weight where and as the model stores it.
+ * (see decode_plan.py), on N threads, reading every weight where and as the model stores it.
  *
  * The Python plan (`DecodePlan._step_torch`) spends about two thirds of a pico-sized step in framework
  * overhead (~600 ATen calls of 2-6 us each). This file runs the same math as plain loops on the model's
@@ -15,9 +15,9 @@
  * outputs in routing order). The result does not depend on nt: every output element is computed by one
  * thread, in the same order whatever the split.
  *
- * Built on first use by decode.py with the system C compiler (-march=native where it works), loaded
+ * Built on first use by decode_plan.py with the system C compiler (-march=native where it works), loaded
  * with ctypes. No -ffast-math: it would link crtfastmath.o and turn on flush-to-zero for the whole
- * process; decode.py's flags allow reassociation (vectorised dot products) only. */
+ * process; decode_plan.py's flags allow reassociation (vectorised dot products) only. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -1,0 +1,235 @@
+"""HTTP plumbing under the API routes: SSE framing, error bodies, the guard middleware (API key, body size),
+JSON body handling, validation messages, the error handlers and disconnect watching.
+
+Design decisions:
+
+* **Errors.** Every client mistake is a 4xx with an OpenAI-style body (Anthropic-style on /v1/messages);
+  anything else is a 500 whose body says only "internal server error" (the traceback goes to the log).
+* **Bodies are JSON whatever the Content-Type says**; undecodable bodies are 400s that say why, lone UTF-16
+  surrogates become U+FFFD, and the size limit (413) holds for chunked bodies too.
+* **Disconnects abort.** Streams are cancelled by Starlette when the client goes away; non-streaming
+  requests watch for `http.disconnect` while they wait (`until_disconnect`).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..tokenizer import scrub_surrogates
+from . import protocol
+from .protocol import APIError
+
+log = logging.getLogger("nemotron3.server")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying `obj` as compact JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def is_anthropic(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_response(path: str, status: int, message: str, type=None, param=None, code=None,
+                   headers=None) -> JSONResponse:
+    body = protocol.anthropic_error(status, message) if is_anthropic(path) else \
+        protocol.openai_error(status, message, type, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class GuardMiddleware:
+    """Pure ASGI (so streaming and disconnects pass straight through): the API key on /v1/*, then the
+    request body size limit (Content-Length checked up front; chunked bodies counted while read).
+    `on_error(status)` is told of every refusal (the metrics)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, on_error: Callable[[int], None]):
+        self.app, self.api_key, self.max_body_bytes, self.on_error = app, api_key, max_body_bytes, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = self.api_key
+        if key and path.startswith("/v1"):
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                self.on_error(401)
+                return await error_response(path, 401, "Invalid or missing API key (send 'Authorization: Bearer "
+                                                       "KEY' or 'x-api-key: KEY').",
+                                            code="invalid_api_key")(scope, receive, send)
+        limit = self.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            self.on_error(413)
+            return await error_response(path, 413, f"The request body exceeds the limit of {limit} bytes.",
+                                        code="request_too_large")(scope, receive, send)
+        if scope.get("method") in ("POST", "PUT", "PATCH") and length is None:
+            body, more = bytearray(), True               # chunked: read it all (bounded) before the app does
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                body += msg.get("body", b"")
+                more = msg.get("more_body", False)
+                if len(body) > limit:
+                    self.on_error(413)
+                    return await error_response(path, 413, f"The request body exceeds the limit of {limit} bytes.",
+                                                code="request_too_large")(scope, receive, send)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        return await self.app(scope, receive, send)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _scrub_surrogates(obj):
+    """Lone UTF-16 surrogates (a JSON `\\ud83d` escape without its pair: a string cut mid-emoji) cannot be
+    tokenized or written back as UTF-8: replace them with U+FFFD, in place, without recursion."""
+    def fix(x):
+        return scrub_surrogates(x) if isinstance(x, str) else x
+
+    obj = fix(obj)
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            for k in list(o):
+                v = o.pop(k)
+                v = fix(v)
+                o[fix(k)] = v
+                stack.append(v)
+        elif isinstance(o, list):
+            for i, v in enumerate(o):
+                o[i] = fix(v)
+                stack.append(o[i])
+    return obj
+
+
+class JSONBodyRequest(Request):
+    """Request bodies are JSON whatever the Content-Type says; undecodable bodies are JSON errors (400s)
+    that say why, and lone surrogates are replaced."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                data = json.loads(body)
+            except UnicodeDecodeError:
+                raise json.JSONDecodeError("the body is not valid UTF-8", "", 0) from None
+            except RecursionError:
+                raise json.JSONDecodeError("the JSON is nested too deeply", "", 0) from None
+            self._json = _scrub_surrogates(data) if _SURROGATE_ESCAPE.search(body) else data
+        return self._json
+
+
+class JSONBodyRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            scope = request.scope
+            if scope.get("method") == "POST":
+                headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+                scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+            return await handler(JSONBodyRequest(scope, request.receive))
+
+        return route
+
+
+def _type_tag(x) -> bool:
+    """Pydantic puts union member names in error locations ('str', 'list[ContentPart]', ...): not fields."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "dict", "list", "none") or
+                                   any(c in x for c in "[(") or x.startswith(("function-", "tagged-union")))
+
+
+def validation_message(exc: RequestValidationError, dotted: bool = False) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    loc = [x for x in e.get("loc", ()) if x != "body" and not _type_tag(x)]
+    if e.get("type") == "json_invalid":
+        return f"The request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    if e.get("type") == "missing" and not loc:
+        return "The request body is missing (send a JSON object).", None
+    param = "".join(f"[{x}]" if isinstance(x, int) and not dotted else f".{x}" for x in loc).lstrip(".") or None
+    msg = e.get("msg", "invalid value")
+    more = f" (and {len(errs) - 1} more error{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+    return (f"{param}: {msg}" if param else msg) + more, param
+
+
+def add_error_handlers(app: FastAPI, on_error: Callable[[int], None]) -> None:
+    """Every error becomes an OpenAI- or Anthropic-shaped body; `on_error(status)` counts it."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        on_error(e.status)
+        return error_response(request.url.path, e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        on_error(400)
+        msg, param = validation_message(e, dotted=is_anthropic(request.url.path))
+        return error_response(request.url.path, 400, msg, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        on_error(e.status_code)
+        msg = {404: f"Not found: {request.method} {request.url.path}",
+               405: f"Method {request.method} not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return error_response(request.url.path, e.status_code, msg, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("request failed: %s %s", request.method, request.url.path)
+        on_error(500)
+        return error_response(request.url.path, 500, "internal server error")
+
+
+async def until_disconnect(request: Request, coro):
+    """Await `coro`; if the client disconnects first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(coro)
+
+    async def watch():
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled() and watcher.done():
+            return None                      # the client is gone; nobody reads the response
+        raise
