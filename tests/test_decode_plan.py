@@ -145,14 +145,101 @@ def test_native_step_checks_input_and_router_bias():
     assert plan.stale(full=False)
 
 
+def _bf16_weights(model):
+    """(reference, stored): the model with every linear / expert weight rounded to bf16 (fp32 tensors: what the
+    full forward runs), and a copy holding those weights as bf16 tensors (what the kernel reads)."""
+    import copy
+    from torch import nn
+    from nemotron3.model.moe import Experts
+    with torch.no_grad():
+        for mod in model.modules():
+            for name in ("weight",) if isinstance(mod, nn.Linear) else ("up_proj", "down_proj") \
+                    if isinstance(mod, Experts) else ():
+                getattr(mod, name).copy_(getattr(mod, name).bfloat16().float())
+        stored = copy.deepcopy(model)
+        for mod in stored.modules():
+            for name in ("weight",) if isinstance(mod, nn.Linear) else ("up_proj", "down_proj") \
+                    if isinstance(mod, Experts) else ():
+                setattr(mod, name, nn.Parameter(getattr(mod, name).bfloat16(), requires_grad=False))
+    return model, stored
+
+
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
-@pytest.mark.parametrize("n_in,n_out", [(1, 1), (7, 3), (37, 515), (256, 1030)])
+@pytest.mark.parametrize("name", ["latent", "no_latent", "biases", "odd_shapes"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_bf16_weights_equal_full_forward(name, threads):
+    """bf16 weights read as stored (widened in registers), on 1-3 threads: each step equals the full forward on
+    the same (bf16-valued) weights, for single rows and for several rows at their own positions."""
+    overrides = {"moe_latent_size": 16, **VARIANTS[name]}
+    torch.manual_seed(0)
+    ref, stored = _bf16_weights(randomize(NemotronHForCausalLM(small_config("M*EM-E*M", **overrides)).eval(), 2))
+    plan = DecodePlan(stored, native=True, threads=threads)
+    ids = torch.randint(12, 96, (3, 20), generator=torch.Generator().manual_seed(5))
+    starts, slots = [3, 9, 1], [2, 0, 1]
+    with torch.no_grad():
+        full = ref(ids)
+        cache = HybridCache(ref.config, 3, max_len=4)
+        for b, (t0, slot) in enumerate(zip(starts, slots)):
+            ref(ids[b:b + 1, :t0], cache, slots=[slot])
+        for step in range(10):
+            h = plan.step_rows([int(ids[b, t0 + step]) for b, t0 in enumerate(starts)], cache, slots)
+            want = torch.stack([full[b, t0 + step] for b, t0 in enumerate(starts)])
+            torch.testing.assert_close(ref.logits(h), want, rtol=1e-4, atol=1e-4)
+        h1 = plan.step(int(ids[0, 13]), cache, slots[0])
+        torch.testing.assert_close(ref.logits(h1)[0], full[0, 13], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("recipe", [None, "bf16", "nvfp4", "nvfp4-mixed"])
+def test_native_threads_give_identical_steps(recipe):
+    """The kernel's result does not depend on its thread count: every output element is computed by one thread
+    in a fixed order (routed experts summed per row in routing order), so 1, 2 and 3 threads agree bitwise."""
+    torch.manual_seed(0)
+    model = randomize(NemotronHForCausalLM(get_preset("tiny")).eval(), 3)
+    if recipe == "bf16":
+        model = _bf16_weights(model)[1]
+    elif recipe:
+        model = quantize_model(model, recipe)
+    ids = torch.randint(0, 512, (4, 12), generator=torch.Generator().manual_seed(4)).tolist()
+    outs = []
+    for threads in (1, 2, 3):
+        plan = DecodePlan(model, native=True, threads=threads)
+        cache = HybridCache(model.config, 4, max_len=4)
+        hs = [plan.step_rows([ids[b][t] for b in range(4)], cache, [0, 1, 2, 3]) for t in range(12)]
+        hs += [plan.step(ids[0][t], cache, 2) for t in range(3)]
+        outs.append(torch.cat(hs))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("n_in,n_out", [(16, 1), (48, 7), (64, 515), (256, 1030), (37, 5)])
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_rows_matmul_equals_torch(n_in, n_out, rows):
-    assert decode.native_library() is not None
-    g = torch.Generator().manual_seed(n_in)
-    x, w = torch.randn(rows, n_in, generator=g), torch.randn(n_in, n_out, generator=g)
-    torch.testing.assert_close(decode.rows_matmul(x, w), x @ w, rtol=1e-4, atol=1e-4)   # fp32 sum order
+def test_matmul_reads_every_format(fmt, n_in, n_out, rows):
+    """`decode.matmul` (the engine's lm_head for a few rows) equals F.linear on the dequantized weight, for
+    every stored format, vectorised (n_in a multiple of 16) or not, on 1 and 2 threads."""
+    from torch import nn
+    from nemotron3.quant.linear import FP8Linear, NVFP4Linear
+    if fmt == "nvfp4" and n_in % 16:
+        pytest.skip("NVFP4 blocks are 16 wide")
+    g = torch.Generator().manual_seed(n_in + n_out)
+    lin = nn.Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, generator=g))
+    if fmt == "bf16":
+        lin.weight = nn.Parameter(lin.weight.bfloat16(), requires_grad=False)
+        ref = lin.weight.float()
+    elif fmt == "fp8":
+        lin = FP8Linear.from_linear(lin)
+        ref = lin.dequantized_weight(torch.float32)
+    elif fmt == "nvfp4":
+        lin = NVFP4Linear.from_linear(lin)
+        ref = lin.dequantized_weight(torch.float32)
+    else:
+        ref = lin.weight.detach()
+    x = torch.randn(rows, n_in, generator=g)
+    for threads in (1, 2):
+        torch.testing.assert_close(decode.matmul(x, lin, threads), x @ ref.t(), rtol=1e-4, atol=1e-4)
 
 
 def test_native_build_cache_and_failures(tmp_path, monkeypatch):
@@ -211,7 +298,13 @@ def test_fallbacks(monkeypatch):
     assert supported(model)
     assert not supported(tiny_model(4).to(torch.bfloat16))
     monkeypatch.setattr("nemotron3.engine.decode_plan.MAX_WEIGHT_BYTES", 1000)
-    assert not supported(model)
+    assert supported(model) == HAVE_CC                  # the kernel reads the weights in place: no size limit
+    monkeypatch.setenv("NEMOTRON3_NATIVE", "0")
+    decode.native_library.cache_clear()
+    try:
+        assert not supported(model)                     # the torch ops' fp32 copies: limited
+    finally:
+        decode.native_library.cache_clear()
     monkeypatch.undo()
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = [[4, 5, 6], [7, 8, 9, 10]]
@@ -232,3 +325,24 @@ def test_fallbacks(monkeypatch):
         assert "torch ops" in llm.engine.decode_path()
     finally:
         decode.native_library.cache_clear()
+
+
+def test_engine_bf16_weights_match_full_forward_greedy():
+    """LLM(weight_dtype="bfloat16"): linears and experts stored in bf16 (W16A32), the decode kernel reading them
+    as stored, greedy tokens equal to the fp32 model holding the same bf16-rounded values (full forward)."""
+    from nemotron3.quant.linear import BF16Linear
+    torch.manual_seed(0)
+    ref = _bf16_weights(randomize(NemotronHForCausalLM(small_config("M*EM-E*M", moe_latent_size=16)).eval(), 2))[0]
+    import copy
+    llm = LLM(copy.deepcopy(ref), max_num_seqs=2, weight_dtype="bfloat16", threads=2)
+    assert any(isinstance(q, BF16Linear) for q in llm.model.modules()) and supported(llm.model)
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    out = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    assert llm.engine._plan is not None and llm.engine._plan.native is not None
+    for p, o in zip(prompts, out):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(10):
+                ids.append(int(ref(torch.tensor([ids]))[0, -1].argmax()))
+        assert o == ids[len(p):]

@@ -34,21 +34,13 @@ functions) runs the generic forward.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import warnings
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.linear import FP8Linear, NVFP4Linear
+from ..quant.linear import BF16Linear, FP8Linear, NVFP4Linear
 from ..quant.quantize import NVFP4Experts
 from ..model.attention import Attention
 from ..model.mamba2 import Mamba2Mixer
@@ -56,7 +48,7 @@ from ..model.moe import Experts, LatentMoE, MLP, TopkRouter
 from ..model.norm import GatedRMSNorm, RMSNorm
 
 
-LINEARS = (nn.Linear, NVFP4Linear, FP8Linear)
+LINEARS = (nn.Linear, NVFP4Linear, FP8Linear, BF16Linear)
 
 
 def _weight(mod) -> torch.Tensor:
@@ -93,7 +85,8 @@ MAX_WEIGHT_BYTES = 4 << 30      # the plan copies the weights: no plan for model
 
 def _tracked(model) -> list[torch.Tensor]:
     """The tensors the plan's copies are made from: parameters and the quantized modules' codes/scales."""
-    return list(model.parameters()) + [b for b in model.buffers() if b.dtype in (torch.uint8, torch.float8_e4m3fn)]
+    return list(model.parameters()) + [b for b in model.buffers()
+                                       if b.dtype in (torch.uint8, torch.float8_e4m3fn, torch.bfloat16)]
 
 
 def supported(model) -> bool:
@@ -104,8 +97,8 @@ def supported(model) -> bool:
     if p.dtype != torch.float32 or p.device.type != "cpu" or model.config.mamba_ssm_cache_dtype != "float32":
         return False
     packed = sum(b.numel() for b in model.buffers() if b.dtype == torch.uint8)      # 2 NVFP4 codes per byte
-    if (sum(q.numel() for q in _tracked(model)) + packed) * 4 > MAX_WEIGHT_BYTES:
-        return False
+    if native_library() is None and (sum(q.numel() for q in _tracked(model)) + packed) * 4 > MAX_WEIGHT_BYTES:
+        return False                                 # the torch ops' fp32 [in, out] copies would not fit
     for layer in model.backbone.layers:
         m = layer.mixer
         if type(layer.norm) is not RMSNorm:
@@ -125,7 +118,9 @@ def supported(model) -> bool:
                                                    and type(m.fc2_latent_proj) in LINEARS))
         else:
             ok = type(m) is MLP and type(m.up_proj) in LINEARS and type(m.down_proj) in LINEARS
-        if not ok or any(q.dtype != torch.float32 for q in m.parameters()):
+        bf16_ok = (m.experts.up_proj, m.experts.down_proj) if layer.kind == "E" else ()
+        if not ok or any(q.dtype != torch.float32 and not (q.dtype == torch.bfloat16 and any(q is b for b in bf16_ok))
+                         for q in m.parameters()):
             return False
     return True
 
@@ -137,115 +132,42 @@ def weights_key(model) -> tuple:
     return tuple((id(p), p._version) for p in _tracked(model))
 
 
-# ---------------------------------------------------------------------- the C kernel (decode_step.c)
-_SOURCE = Path(__file__).with_name("decode_step.c")
-# Reassociation lets the compiler vectorise the dot products; -ffast-math is avoided (see the C file).
-_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
-          "-ffp-contract=fast", "-shared", "-fPIC"]
-
-
-class _Layer(ctypes.Structure):
-    """decode_step.c's `Layer`."""
-    _fields_ = [("kind", ctypes.c_int64), ("n", ctypes.c_int64 * 12), ("f", ctypes.c_double * 6),
-                ("w", ctypes.c_void_p * 10)]
-
-
-def _cpu_id() -> bytes:
-    """What -march=native depends on: a build is cached per CPU model and feature set."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    keys = ("model name", "flags", "Features", "CPU part")
-    return (platform.machine() + platform.processor() + "".join(
-        next((l for l in lines if l.startswith(k)), "") for k in keys)).encode()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("NEMOTRON3_CACHE")
-    if not base:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nemotron3"
-    return Path(base) / "native"
-
-
-@lru_cache(maxsize=1)
-def native_library():
-    """decode_step.c (`n3_decode_rows`, `n3_gemm`) compiled on first use with the system C compiler ($CC, cc or
-    gcc) into $NEMOTRON3_CACHE/native (default ~/.cache/nemotron3/native; one file per source, flags and
-    CPU, written atomically), or None: NEMOTRON3_NATIVE=0, no compiler, or a failed build (warned)."""
-    if os.environ.get("NEMOTRON3_NATIVE", "1") == "0":
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None
-    src = _SOURCE.read_bytes()
-    for flags in (["-march=native", *_FLAGS], _FLAGS):
-        tag = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_id()).hexdigest()[:16]
-        so = _cache_dir() / f"decode_step-{tag}.so"
-        try:
-            if not so.exists():
-                so.parent.mkdir(parents=True, exist_ok=True)
-                tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-                r = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp), "-lm"], capture_output=True,
-                                   text=True, timeout=120)
-                if r.returncode:
-                    tmp.unlink(missing_ok=True)
-                    warnings.warn(f"building the native decode step failed ({cc} {' '.join(flags)}): "
-                                  f"{r.stderr.strip()[-500:]}")
-                    continue
-                os.replace(tmp, so)
-            lib = ctypes.CDLL(str(so))
-        except (OSError, subprocess.SubprocessError) as e:
-            warnings.warn(f"the native decode step is unavailable: {e}")
-            return None
-        P, I64 = ctypes.c_void_p, ctypes.c_int64
-        lib.n3_decode_rows.argtypes = [P, I64, I64, I64, P, P, P, P, P, P, ctypes.c_double, P]
-        lib.n3_decode_rows.restype = ctypes.c_int
-        lib.n3_gemm.argtypes = [P, I64, I64, P, I64, P]
-        lib.n3_gemm.restype = None
-        return lib
-    return None
-
-
-def rows_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """x [B, n_in] @ w_t [n_in, n_out] for fp32 CPU tensors: the C kernel's GEMM when it is built (the engine's
-    lm_head for a few rows: the weight is read once for all rows, where MKL's small-M GEMM reads it about once
-    per row; ~1.5x faster than MKL for one row here), else `torch.mm`."""
-    lib = native_library()
-    if lib is None or not (x.dtype == w_t.dtype == torch.float32 and x.is_contiguous() and w_t.is_contiguous()
-                           and x.dim() == 2 and x.shape[1] == w_t.shape[0] and x.device.type == "cpu"):
-        return x @ w_t
-    y = torch.empty(x.shape[0], w_t.shape[1])
-    lib.n3_gemm(x.data_ptr(), x.shape[0], w_t.shape[0], w_t.data_ptr(), w_t.shape[1], y.data_ptr())
-    return y
+# ---------------------------------------------------------------------- the C kernel: native.py
+from .native import F32, _Layer, _Mat, _mat, default_threads, matmul, native_library  # noqa: E402,F401
 
 
 class DecodePlan:
-    """Precomputed weights and per-layer closures for `step` (see the module docstring)."""
+    """The decode step of one model: the C kernel's layer descriptions, or the torch ops' prepared weights
+    (see the module docstring)."""
 
-    def __init__(self, model, native: bool | None = None):
+    def __init__(self, model, native: bool | None = None, threads: int | None = None):
         """`native`: run `step` in the compiled C kernel (decode_step.c); None = when it builds here,
-        True = required (RuntimeError otherwise), False = the torch ops only."""
+        True = required (RuntimeError otherwise), False = the torch ops only. `threads`: the kernel's
+        threads (None: torch's thread count at each step)."""
         self.model = model
         c = self.config = model.config
         self.d = c.hidden_size
         self.eps = c.layer_norm_epsilon
+        self.threads = threads
         self.key = weights_key(model)
         self.params = _tracked(model)
         self.versions = [p._version for p in self.params]
-        with torch.no_grad():
-            self.emb = model.backbone.embeddings.weight.detach()
-            self.norm_f = model.backbone.norm_f.weight.detach().float()
-            self.layers = [self._layer(blk) for blk in model.backbone.layers]
-        self.native = None
+        self.kinds = [(blk.kind, blk.layer_id) for blk in model.backbone.layers]
+        self.emb = model.backbone.embeddings.weight.detach()
+        self.norm_f = model.backbone.norm_f.weight.detach().float()
+        self.native, self.layers = None, None
         lib = native_library() if native is not False else None
         if native and lib is None:
             raise RuntimeError("the native decode step is not available: no C compiler, a failed build "
                                "(see the warning) or NEMOTRON3_NATIVE=0")
         if lib is not None:
-            self._build_native(lib.n3_decode_rows)
+            with torch.no_grad():
+                self._build_native(lib.n3_decode_rows)
         if native and self.native is None:
             raise RuntimeError("the native decode step does not take this model's layers (see _native_layer)")
+        if self.native is None:
+            with torch.no_grad():
+                self.layers = [self._layer(blk) for blk in model.backbone.layers]
 
     def stale(self, full: bool = True) -> bool:
         """Whether a weight changed since the plan was built: `full` also notices replaced parameters."""
@@ -338,7 +260,7 @@ class DecodePlan:
     def _grow_kv(self, cache, needed: int) -> None:
         """K/V room for `needed` positions in the backbone's attention layers only (the MTP block's buffers
         stay small: growing them to a 128K context would copy and hold 2 x 64 MiB for nothing)."""
-        for kind, i, _ in self.layers:
+        for kind, i in self.kinds:
             if kind == "*":
                 cache.ensure_capacity(needed, layer=i)
 
@@ -434,62 +356,89 @@ class DecodePlan:
 
     # ------------------------------------------------------------------ the C kernel
     def _build_native(self, fn) -> None:
-        """Describe every layer to decode_step.c (`Layer`: sizes, constants, pointers to this plan's
-        tensors, which stay alive with the plan). Layers it cannot take leave `native` None."""
-        nl = len(self.layers)
-        layers, shapes = (_Layer * nl)(), []           # shapes: the cache layout each layer's kernel expects
+        """Describe every layer to decode_step.c (`Layer`: sizes, constants, fp32 copies of the small vectors
+        and `Mat`s pointing at the model's own weight tensors, which the plan keeps referenced). Layers it
+        cannot take leave `native` None."""
+        blocks = self.model.backbone.layers
+        nl = len(blocks)
+        layers, shapes, self._keep = (_Layer * nl)(), [], []
         self._router_bias = []
-        for L, (kind, _, p) in zip(layers, self.layers):
-            n, f, w = self._native_layer(kind, p)
-            if w is None or any(t is not None and not (t.dtype == torch.float32 and t.is_contiguous()) for t in w):
+        for L, blk in zip(layers, blocks):
+            desc = self._native_layer(blk)
+            if desc is None:
                 return
-            L.kind = "M*E-".index(kind)
+            n, f, v, mats = desc
+            if any(m is None for m in mats):
+                return
+            arr = (_Mat * len(mats))(*[m[0] for m in mats])
+            self._keep += [arr] + [t for m in mats for t in m[1]]
+            vs = [None if t is None else t.detach().float().contiguous() for t in v]
+            self._keep += [t for t in vs if t is not None]
+            L.kind = "M*E-".index(blk.kind)
             L.n[:len(n)], L.f[:len(f)] = n, f
-            L.w[:len(w)] = [None if t is None else t.data_ptr() for t in w]
-            if kind == "M":
-                shapes.append(((p["sizes"][1], p["K"] - 1), (p["H"], p["P"], p["N"])))
+            L.v[:len(vs)] = [None if t is None else t.data_ptr() for t in vs]
+            L.m = arr
+            m = blk.mixer
+            if blk.kind == "M":
+                shapes.append(((m.conv_dim, m.kernel - 1), (m.num_heads, m.head_dim, m.state_size)))
             else:
-                shapes.append((p[3], p[4]) if kind == "*" else None)
-        self._c = dict(layers=layers, eps=(ctypes.c_double * nl)(*[b.norm.eps for b in self.model.backbone.layers]),
+                shapes.append((m.n_kv, m.head_dim) if blk.kind == "*" else None)
+        self._c = dict(layers=layers, eps=(ctypes.c_double * nl)(*[b.norm.eps for b in blocks]),
                        cap=(ctypes.c_int64 * nl)(), shapes=shapes)
-        self._emb = self.emb.float().contiguous()
         self._norm_f = self.norm_f.contiguous()
         self._eps_f = self.model.backbone.norm_f.eps
         self.native = fn
 
-    def _native_layer(self, kind, p):
-        """(n, f, w) of decode_step.c's `Layer` for one prepared layer; w None = not supported there."""
-        if kind == "M":
-            lo, hi = p["limit"] or (0.0, 0.0)
-            n = [*p["sizes"], p["P"], p["G"], p["N"], p["K"], p["gs"], int(p["conv_bias"]), int(p["dt_min"] is not None),
-                 int(p["limit"] is not None)]
-            return n, [p["dt_min"] or 0.0, lo, hi, p["geps"]], [p["W_in"], p["b_in"], p["conv_w"], p["dt_bias"], p["A"],
-                                                                p["D"], p["W_out"], p["b_out"]]
-        if kind == "*":
-            W, Wo, nq, nkv, hd = p
-            return [nq, nkv, hd], [], [W, Wo]
-        if kind == "E":
-            W1, b1, W2, b2, up, down, E, L, g, nw = p
+    def _native_layer(self, blk):
+        """(n, f, v, mats) of decode_step.c's `Layer` for one block (see there); None = not supported."""
+        c, m, nw = self.config, blk.mixer, blk.norm.weight
+        if blk.kind == "M":
+            w = m.conv1d.weight.detach().float()[:, 0].t()                                   # [K, C]
+            if m.conv1d.bias is not None:
+                w = torch.cat([w, m.conv1d.bias.detach().float()[None]], 0)                 # bias as a K+1th tap
+            lo, hi = c.time_step_limit
+            limit = lo > 0 or math.isfinite(hi)
+            n = [m.d_inner, m.conv_dim, m.num_heads, m.head_dim, m.n_groups, m.state_size, m.kernel,
+                 m.norm.group_size, int(m.conv1d.bias is not None), int(bool(c.mamba_dt_clamp)), int(limit)]
+            f = [c.time_step_min if c.mamba_dt_clamp else 0.0, lo if limit else 0.0, hi if limit else 0.0, m.norm.eps]
+            v = [nw, m.in_proj.bias, w, m.dt_bias, -torch.exp(m.A_log.detach().float()), m.D, m.norm.weight,
+                 m.out_proj.bias]
+            return n, f, v, [_mat(m.in_proj), _mat(m.out_proj)]
+        if blk.kind == "*":
+            if any(getattr(getattr(m, q), "bias", None) is not None for q in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                return None
+            return [m.n_q, m.n_kv, m.head_dim], [], [nw], [_mat(getattr(m, q)) for q in
+                                                            ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if blk.kind == "E":
+            g, lat, se, ex = m.gate, m.fc1_latent_proj, m.shared_experts, m.experts
+            E, L = g.n_experts, 0 if lat is None else lat.out_features
             bias = g.e_score_correction_bias
             grouped_ok = g.n_group == 1 or (E // g.n_group >= 2 and g.topk_group <= g.n_group)
             if E > 4096 or g.top_k > min(256, E) or not grouped_ok or bias.dtype != torch.float32 \
                     or not bias.is_contiguous():
-                return None, None, None                     # the kernel's fixed-size routing buffers
+                return None                                  # the kernel's fixed-size routing buffers
             self._router_bias.append((g, bias))
-            n = [E, L, up.shape[2], up.shape[1], W1.shape[1] - E - L, g.top_k, g.n_group, g.topk_group,
-                 int(g.norm_topk_prob)]
-            return n, [g.scale], [W1, b1, W2, b2, up, down, bias, nw]
-        W1, b1, W2, b2 = p
-        return [W1.shape[1]], [], [W1, b1, W2, b2]
+            I, lin = (ex.up_proj.shape[1], 2 * ex.up_proj.shape[2]) if isinstance(ex, NVFP4Experts) \
+                else ex.up_proj.shape[1:]
+            none = (_Mat(F32, 0, 0, None, None, 1.0), [])
+            mats = [_mat(g), none if lat is None else _mat(lat), _mat(se.up_proj),
+                    none if lat is None else _mat(m.fc2_latent_proj), _mat(se.down_proj)]
+            mats += [_mat(ex, e, "up_proj") for e in range(E)] + [_mat(ex, e, "down_proj") for e in range(E)]
+            n = [E, L, I, lin, se.up_proj.out_features, g.top_k, g.n_group, g.topk_group, int(g.norm_topk_prob)]
+            v = [nw, bias, None if lat is None else lat.bias, se.up_proj.bias,
+                 None if lat is None else m.fc2_latent_proj.bias, se.down_proj.bias]
+            return n, [g.scale], v, mats
+        return [m.up_proj.out_features], [], [nw, m.up_proj.bias, m.down_proj.bias], [_mat(m.up_proj),
+                                                                                   _mat(m.down_proj)]
 
     def _rows_native(self, tokens, cache, slots) -> torch.Tensor | None:
         """The C kernel on B rows; None (nothing done) when the cache is not laid out as the layers were
         described: the kernel indexes raw memory, so anything else runs the torch ops."""
         pos = [int(cache.lengths[s]) for s in slots]
         self._grow_kv(cache, max(pos) + 1)
-        c, B, nl, d = self._c, len(slots), len(self.layers), self.d
+        c, B, nl, d = self._c, len(slots), len(self.kinds), self.d
         state, cap = (ctypes.c_void_p * (2 * B * nl))(), c["cap"]
-        for j, (kind, i, _) in enumerate(self.layers):
+        for j, (kind, i) in enumerate(self.kinds):
             if kind == "M":
                 a, b = cache.conv[i], cache.ssm[i]
                 ok = (a.shape[1:], b.shape[1:]) == c["shapes"][j]
@@ -506,11 +455,11 @@ class DecodePlan:
             for r, slot in enumerate(slots):
                 state[2 * (r * nl + j)] = pa + slot * sa
                 state[2 * (r * nl + j) + 1] = pb + slot * sb
-        emb = self._emb.data_ptr()
-        x = (ctypes.c_void_p * B)(*[emb + t * d * 4 for t in tokens])
+        x = self.emb[tokens].float().contiguous()                  # [B, d]: the rows' token embeddings
+        xp = (ctypes.c_void_p * B)(*[x.data_ptr() + b * d * 4 for b in range(B)])
         out = torch.empty(B, d)
-        if self.native(c["layers"], nl, d, B, x, c["eps"], state, cap, (ctypes.c_int64 * B)(*pos),
-                       self._norm_f.data_ptr(), self._eps_f, out.data_ptr()):
+        if self.native(c["layers"], nl, d, B, xp, c["eps"], state, cap, (ctypes.c_int64 * B)(*pos),
+                       self._norm_f.data_ptr(), self._eps_f, out.data_ptr(), default_threads(self.threads)):
             raise MemoryError("the native decode step could not allocate its scratch memory")
         for slot, p in zip(slots, pos):
             cache.lengths[slot] = p + 1

@@ -35,7 +35,7 @@ import torch
 from ..model import HybridCache, NemotronHForCausalLM
 from ..tokenizer import encode_text
 from . import speculative
-from .decode_plan import DecodePlan, native_library, rows_matmul, supported as decode_supported
+from .decode_plan import DecodePlan, matmul as decode_matmul, native_library, supported as decode_supported
 from .detokenizer import Detokenizer
 from .outputs import CompletionOutput, EngineSnapshot, EngineStats, RequestMetrics, RequestOutput
 from .prefix_cache import PrefixCache
@@ -88,8 +88,11 @@ class LLMEngine:
                  prefix_cache_bytes: int = 256 << 20, block_size: int = 64, seed: int = 0,
                  reasoning_tokens: ReasoningTokens | None = None,
                  medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", threads: int | None = None):
         cfg = model.config
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        self.threads = threads           # the C decode kernel's threads (None: torch's thread count)
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs!r}")
         k = num_speculative_tokens
@@ -154,7 +157,6 @@ class LLMEngine:
         self._seeds = random.Random(seed)
         self._touched: dict[str, None] = {}
         self._finished: list[Sequence] = []
-        self._head_t, self._head_key = None, None
         # batch-1 decode fast path (decode_plan.py), built on first use for fp32 CPU models; the full
         # weight check (parameters replaced, not only updated) runs once per added request
         # (the plan reads and writes K/V in the activation dtype: other K/V storage takes the batched forward)
@@ -163,17 +165,15 @@ class LLMEngine:
         self._plan_full_check = True
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """`model.logits`, faster for a few rows: on CPU a GEMV against an [in, out]-contiguous copy of
-        lm_head is ~4x faster than F.linear's [out, in] one at M=1 (8192x256: 0.25 vs 1.1 ms), and the C
-        kernel's GEMM (`rows_matmul`, the weight read once for all rows) faster again. The copy is rebuilt
-        whenever the weight changes (identity or in-place version), e.g. between RL updates."""
-        w = self.model.lm_head.weight
-        if h.shape[0] > 8 or w.dtype != torch.float32 or w.device.type != "cpu":
-            return self.model.logits(h)
-        key = (id(w), w._version)
-        if key != self._head_key:
-            self._head_t, self._head_key = w.detach().t().contiguous(), key
-        return rows_matmul(h.float().contiguous(), self._head_t)
+        """`model.logits`, faster for a few rows on CPU: the C kernel's matmul reads lm_head where and as it is
+        stored ([out, in], fp32 / bf16 / FP8 / NVFP4), once for all rows, on the engine's threads (MKL's
+        F.linear at M=1 is ~4x slower on an [out, in] fp32 weight: 8192x256, 0.25 vs 1.1 ms)."""
+        head = self.model.lm_head
+        if h.shape[0] <= 64 and h.device.type == "cpu" and head.bias is None and head.weight.dtype == torch.float32:
+            y = decode_matmul(h.float(), head, self.threads)
+            if y is not None:
+                return y
+        return self.model.logits(h)
 
     # ------------------------------------------------------------------ requests
     def prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -504,9 +504,9 @@ class LLMEngine:
                 self._plan = None
                 return None
             if self._plan is None or self._plan.stale(full=True):
-                self._plan = DecodePlan(self.model)
+                self._plan = DecodePlan(self.model, threads=self.threads)
         elif self._plan is not None and self._plan.stale(full=False):
-            self._plan = DecodePlan(self.model)
+            self._plan = DecodePlan(self.model, threads=self.threads)
         return self._plan
 
     def _decode(self, seqs: list[Sequence]) -> None:

@@ -83,7 +83,8 @@ class Experts(nn.Module):
         """x [N, l], idx/w [N, k] -> sum_k w[:, k] * expert_idx[:, k](x), accumulated in fp32."""
         linear = self.linear_fn or F.linear
         return dispatch_experts(x, idx, w, self.n_experts,
-                                lambda e, h: linear(relu2(linear(h, self.up_proj[e])), self.down_proj[e]))
+                                lambda e, h: linear(relu2(linear(h, self.up_proj[e].to(h.dtype))),
+                                                    self.down_proj[e].to(h.dtype)))
 
 
 def dispatch_experts(x, idx, w, n_experts: int, expert) -> torch.Tensor:

@@ -142,3 +142,46 @@ class FP8Linear(_QuantLinearBase):
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         return nvfp4.dequantize_fp8(self.weight[r0:r1], self.weight_scale, dtype=dtype)
+
+
+class BF16Linear(_QuantLinearBase):
+    """W16A32: a bf16 weight kept as stored (half the bytes of fp32), multiplied with fp32 activations. The CPU
+    decode kernel reads it in place (widening loads); ``forward`` (prefill) widens ``chunk_rows`` rows at a time
+    and runs the fp32 GEMM, which on CPUs without AVX512_BF16 / AMX is ~5x faster than torch's bf16 GEMM
+    (bench/cpu_gemm.py)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, device=None):
+        super().__init__(in_features, out_features, bias, dtype, chunk_rows, device)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "BF16Linear":
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                dtype=linear.bias.dtype if linear.bias is not None else torch.float32, chunk_rows=chunk_rows,
+                device=w.device)
+        m.weight.copy_(w)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach())
+        return m
+
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight[r0:r1].to(dtype)
+
+
+def store_bf16(model: nn.Module) -> nn.Module:
+    """Keep the model's linear and routed-expert weights in bf16 (W16A32: activations stay in the model's dtype),
+    in place: every nn.Linear except ``lm_head`` becomes a BF16Linear, routed experts' fp32 weights become bf16
+    (their forward widens each used expert). The values are the bf16-rounded weights (exact for a bf16
+    checkpoint). Returns the model."""
+    from ..model.moe import Experts
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            full = f"{name}.{cname}" if name else cname
+            if type(child) is nn.Linear and full != "lm_head":
+                setattr(mod, cname, BF16Linear.from_linear(child))
+            elif type(child) is Experts and child.linear_fn is None:
+                for p in ("up_proj", "down_proj"):
+                    setattr(child, p, nn.Parameter(getattr(child, p).detach().bfloat16(), requires_grad=False))
+    return model

@@ -1,0 +1,221 @@
+/* Matrix products on weights in their stored format (included by decode_step.c).
+ *
+ * A `Mat` is a linear's weight as the model holds it, [rows = out, cols = in] row-major, never copied:
+ *   F32   float [rows, cols]
+ *   BF16  uint16 [rows, cols] (bf16 bits)                     value = bits << 16
+ *   FP8   uint8 e4m3 [rows, cols], fp32 per-tensor scale s2    value = e4m3 * s2
+ *   NVFP4 uint8 [rows, cols/2] E2M1 codes (element 0 in the low nibble), e4m3 block scales [rows, cols/16],
+ *         fp32 tensor scale s2                                  value = e2m1 * scale_b * s2
+ * `mm_rows` computes output rows [r0, r1) of Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] * W @ X[b] for B rows;
+ * the threads of a step each take a slice of the output rows. Weights are decoded to fp32 in registers:
+ * with one row (B = 1) straight into the multiply-adds; with more, four weight rows at a time into an
+ * L1/L2-resident fp32 tile that every row of X then reads (the weight is read from memory once per call).
+ *
+ * AVX2+FMA+F16C (-march=native where the CPU has them) decodes 8 weights per instruction sequence:
+ * bf16 by a widening shift, e4m3 through F16C (the bits moved into an fp16, times 2^8), E2M1 through a
+ * byte shuffle of the doubled values {0, 1, 2, 3, 4, 6, 8, 12} (halved with the tensor scale). Elsewhere
+ * (or when cols is not a multiple of 16) the same math runs as scalar loops. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define N3_AVX2 1
+#else
+#define N3_AVX2 0
+#endif
+
+enum { F32 = 0, BF16 = 1, FP8 = 2, NVFP4 = 3 };
+
+typedef struct {
+    int64_t fmt, rows, cols;
+    const void *w;              /* the weight (codes for NVFP4) */
+    const uint8_t *bscale;      /* NVFP4 block scales (e4m3) [rows, cols / 16] */
+    float s2;                   /* FP8 / NVFP4 tensor scale (1 otherwise) */
+} Mat;
+
+static float E4M3[256];         /* e4m3 byte -> float (NaN codes as NaN) */
+static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+static void init_tables(void) {
+    for (int b = 0; b < 256; b++) {
+        const int e = (b >> 3) & 15, m = b & 7;
+        float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+        if ((b & 0x7f) == 0x7f) v = NAN;
+        E4M3[b] = (b & 0x80) ? -v : v;
+    }
+}
+
+static inline float bf16f(uint16_t v) {
+    union { uint32_t u; float f; } c = {(uint32_t)v << 16};
+    return c.f;
+}
+
+/* Weight (o, k) as a float, the scalar reference of the vector decoders below. */
+static inline float wget(const Mat *M, int64_t o, int64_t k) {
+    switch (M->fmt) {
+    case F32: return ((const float *)M->w)[o * M->cols + k];
+    case BF16: return bf16f(((const uint16_t *)M->w)[o * M->cols + k]);
+    case FP8: return E4M3[((const uint8_t *)M->w)[o * M->cols + k]] * M->s2;
+    default: {
+        const uint8_t byte = ((const uint8_t *)M->w)[(o * M->cols + k) >> 1];
+        return E2M1[k & 1 ? byte >> 4 : byte & 15] * E4M3[M->bscale[o * (M->cols / 16) + k / 16]] * M->s2;
+    }
+    }
+}
+
+#if N3_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Weights (o, k .. k+15) decoded into two vectors of 8, unscaled by s2 (FP8: times 2^-8 too, NVFP4: x2);
+ * k a multiple of 16. */
+#define INLINE static inline __attribute__((always_inline))
+INLINE void load16(const Mat *M, const int fmt, int64_t o, int64_t k, __m256 *lo, __m256 *hi) {
+    const int64_t at = o * M->cols + k;
+    switch (fmt) {
+    case F32:
+        *lo = _mm256_loadu_ps((const float *)M->w + at);
+        *hi = _mm256_loadu_ps((const float *)M->w + at + 8);
+        return;
+    case BF16: {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)M->w + at));
+        *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+        *hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+        return;
+    }
+    case FP8: {   /* e4m3 s.eeee.mmm -> fp16 s.0eeee.mmm0000000 = value * 2^-8 (subnormals included) */
+        const __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)M->w + at));
+        const __m256i h = _mm256_cvtepu8_epi16(b);
+        const __m256i f = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7f)), 7),
+                                          _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8));
+        *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(f));
+        *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(f, 1));
+        return;
+    }
+    default: {    /* 8 bytes = 16 codes; doubled E2M1 values by byte shuffle, times the block scale */
+        const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        const __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)M->w + (at >> 1)));
+        const __m128i nib = _mm_and_si128(_mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4)), _mm_set1_epi8(15));
+        const __m128i v = _mm_shuffle_epi8(lut, nib);                 /* element order: lo, hi, lo, hi ... */
+        const __m256 s = _mm256_set1_ps(E4M3[M->bscale[o * (M->cols / 16) + k / 16]]);
+        *lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s);
+        *hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v))), s);
+    }
+    }
+}
+#endif
+
+/* The factor load16 leaves out. */
+static inline float vec_scale(const Mat *M) {
+    return M->fmt == FP8 ? M->s2 * 256.0f : M->fmt == NVFP4 ? M->s2 * 0.5f : 1.0f;
+}
+
+/* dots[r] = W[o + r] . x for R (1 or 4) weight rows, one input row; R and fmt are constants where this
+ * is inlined (dot_rows below), so the accumulators stay in registers and the decoder is chosen once. */
+#if N3_AVX2
+INLINE void dot_avx2(const Mat *M, const int fmt, int64_t o, const int R, const float *restrict x, float *dots) {
+    const int64_t K = M->cols;
+    __m256 a[4][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int r = 0; r < R; r++) {
+            __m256 lo, hi;
+            load16(M, fmt, o + r, k, &lo, &hi);
+            a[r][0] = _mm256_fmadd_ps(lo, x0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(hi, x1, a[r][1]);
+        }
+    }
+    const float sc = vec_scale(M);
+    for (int r = 0; r < R; r++) dots[r] = hsum(_mm256_add_ps(a[r][0], a[r][1])) * sc;
+}
+
+INLINE void decode_avx2(const Mat *M, const int fmt, int64_t o, const int R, float *restrict tile) {
+    const int64_t K = M->cols;
+    const __m256 sc = _mm256_set1_ps(vec_scale(M));
+    for (int r = 0; r < R; r++)
+        for (int64_t k = 0; k < K; k += 16) {
+            __m256 lo, hi;
+            load16(M, fmt, o + r, k, &lo, &hi);
+            _mm256_storeu_ps(tile + r * K + k, _mm256_mul_ps(lo, sc));
+            _mm256_storeu_ps(tile + r * K + k + 8, _mm256_mul_ps(hi, sc));
+        }
+}
+#define DISPATCH(fn, M, o, R, out)                                                                          \
+    switch ((M)->fmt) {                                                                                     \
+    case F32: if (R == 4) fn(M, F32, o, 4, out); else fn(M, F32, o, 1, out); break;                        \
+    case BF16: if (R == 4) fn(M, BF16, o, 4, out); else fn(M, BF16, o, 1, out); break;                     \
+    case FP8: if (R == 4) fn(M, FP8, o, 4, out); else fn(M, FP8, o, 1, out); break;                        \
+    default: if (R == 4) fn(M, NVFP4, o, 4, out); else fn(M, NVFP4, o, 1, out);                            \
+    }
+#define DOT_ARGS(M, F, o, R, out) dot_avx2(M, F, o, R, x, out)
+#endif
+
+static void dot_rows(const Mat *M, int64_t o, int R, const float *restrict x, float *dots) {
+    const int64_t K = M->cols;
+#if N3_AVX2
+    if (K % 16 == 0) {
+        DISPATCH(DOT_ARGS, M, o, R, dots);
+        return;
+    }
+#endif
+    for (int r = 0; r < R; r++) {
+        float s = 0.0f;
+        if (M->fmt == F32) {
+            const float *restrict w = (const float *)M->w + (o + r) * K;
+            for (int64_t k = 0; k < K; k++) s += w[k] * x[k];
+        } else if (M->fmt == BF16) {
+            const uint16_t *restrict w = (const uint16_t *)M->w + (o + r) * K;
+            for (int64_t k = 0; k < K; k++) s += bf16f(w[k]) * x[k];
+        } else {
+            for (int64_t k = 0; k < K; k++) s += wget(M, o + r, k) * x[k];
+        }
+        dots[r] = s;
+    }
+}
+
+/* R weight rows from o decoded into tile [R, K] fp32 (for F32, the weight itself is used instead). */
+static void decode_rows(const Mat *M, int64_t o, int R, float *restrict tile) {
+    const int64_t K = M->cols;
+#if N3_AVX2
+    if (K % 16 == 0) {
+        DISPATCH(decode_avx2, M, o, R, tile);
+        return;
+    }
+#endif
+    for (int r = 0; r < R; r++)
+        for (int64_t k = 0; k < K; k++) tile[r * K + k] = wget(M, o + r, k);
+}
+
+/* Output rows [r0, r1) of Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] W @ X[b], b < B; X rows at stride ldx,
+ * Y rows at stride ldy, alpha / bias NULL = 1 / 0. tile: scratch of 4 x cols floats (B > 1 only). */
+static void mm_rows(const Mat *M, int64_t r0, int64_t r1, const float *X, int64_t ldx, int64_t B, float *Y,
+                    int64_t ldy, const float *alpha, const float *bias, int acc, float *tile) {
+    const int64_t K = M->cols;
+    float d[4];
+    for (int64_t o = r0; o < r1;) {
+        const int R = r1 - o >= 4 ? 4 : 1;
+        if (B == 1) {
+            dot_rows(M, o, R, X, d);
+            for (int r = 0; r < R; r++) {
+                const float v = (alpha ? alpha[0] : 1.0f) * d[r] + (bias ? bias[o + r] : 0.0f);
+                Y[o + r] = acc ? Y[o + r] + v : v;
+            }
+        } else {
+            const Mat T = {F32, R, K, M->fmt == F32 ? (const float *)M->w + o * K : tile, NULL, 1.0f};
+            if (M->fmt != F32) decode_rows(M, o, R, tile);
+            for (int64_t b = 0; b < B; b++) {
+                dot_rows(&T, 0, R, X + b * ldx, d);
+                float *y = Y + b * ldy;
+                for (int r = 0; r < R; r++) {
+                    const float v = (alpha ? alpha[b] : 1.0f) * d[r] + (bias ? bias[o + r] : 0.0f);
+                    y[o + r] = acc ? y[o + r] + v : v;
+                }
+            }
+        }
+        o += R;
+    }
+}
