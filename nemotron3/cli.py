@@ -131,9 +131,14 @@ def cmd_generate(args) -> None:
 
 
 def _engine_kwargs(args) -> dict:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     return dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                 num_speculative_tokens=args.num_speculative_tokens, dtype=args.dtype,
-                kv_cache_dtype=args.kv_cache_dtype)
+                kv_cache_dtype=args.kv_cache_dtype, threads=args.threads, weight_dtype=args.weight_dtype)
 
 
 def cmd_serve(args) -> None:
@@ -166,6 +171,10 @@ def _engine_args(s) -> None:
     s.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (cache slots)")
     s.add_argument("--num-speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0 = off)")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for prefill and the C decode kernel (default: torch's thread count)")
+    s.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
+                   help="keep linear/expert weights in bf16 with fp32 activations (half the bytes per decode step)")
     _kv_arg(s, "K/V cache storage (vLLM's flag): auto = the checkpoint's (FP8 when it declares "
                "kv_cache_quant_algo FP8) or the model dtype")
 

@@ -22,7 +22,8 @@ def test_serve_command(server_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nemotron3.cli", "serve", str(server_model_dir), "--port", str(port),
                              "--served-model-name", "tiny", "--api-key", "k", "--max-model-len", "600",
-                             "--max-num-seqs", "2", "--num-speculative-tokens", "1", "--log-level", "warning"],
+                             "--max-num-seqs", "2", "--num-speculative-tokens", "1", "--log-level", "warning",
+                             "--threads", "1", "--weight-dtype", "bfloat16"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
