@@ -66,16 +66,23 @@ def test_plan_rows_at_different_positions_equal_full_forward(name, backend):
     ids = torch.randint(12, 96, (4, 22), generator=torch.Generator().manual_seed(5))
     plan = DecodePlan(model, native=backend == "native")
     starts, slots = [3, 9, 1, 6], [2, 0, 4, 3]
+    cache = _rows_equal_full_forward(model, plan, ids, starts, slots, num_slots=5, steps=12)
+    assert [int(cache.lengths[s]) for s in slots] == [t0 + 12 for t0 in starts] and int(cache.lengths[1]) == 0
+
+
+def _rows_equal_full_forward(ref, plan, ids, starts, slots, num_slots, steps):
+    """Prefill row b of `ids` up to starts[b] into slots[b], then `steps` step_rows calls, each equal to the full
+    forward of `ref` at every row's own position; returns the cache."""
     with torch.no_grad():
-        full = model(ids)
-        cache = HybridCache(model.config, 5, max_len=4)
+        full = ref(ids)
+        cache = HybridCache(ref.config, num_slots, max_len=4)
         for b, (t0, slot) in enumerate(zip(starts, slots)):
-            model(ids[b:b + 1, :t0], cache, slots=[slot])
-        for step in range(12):
+            ref(ids[b:b + 1, :t0], cache, slots=[slot])
+        for step in range(steps):
             h = plan.step_rows([int(ids[b, t0 + step]) for b, t0 in enumerate(starts)], cache, slots)
             want = torch.stack([full[b, t0 + step] for b, t0 in enumerate(starts)])
-            torch.testing.assert_close(model.logits(h), want, rtol=1e-4, atol=1e-4)
-        assert [int(cache.lengths[s]) for s in slots] == [t0 + 12 for t0 in starts] and int(cache.lengths[1]) == 0
+            torch.testing.assert_close(ref.logits(h), want, rtol=1e-4, atol=1e-4)
+    return cache
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,17 +183,10 @@ def test_native_bf16_weights_equal_full_forward(name, threads):
     plan = DecodePlan(stored, native=True, threads=threads)
     ids = torch.randint(12, 96, (3, 20), generator=torch.Generator().manual_seed(5))
     starts, slots = [3, 9, 1], [2, 0, 1]
+    cache = _rows_equal_full_forward(ref, plan, ids, starts, slots, num_slots=3, steps=10)
     with torch.no_grad():
-        full = ref(ids)
-        cache = HybridCache(ref.config, 3, max_len=4)
-        for b, (t0, slot) in enumerate(zip(starts, slots)):
-            ref(ids[b:b + 1, :t0], cache, slots=[slot])
-        for step in range(10):
-            h = plan.step_rows([int(ids[b, t0 + step]) for b, t0 in enumerate(starts)], cache, slots)
-            want = torch.stack([full[b, t0 + step] for b, t0 in enumerate(starts)])
-            torch.testing.assert_close(ref.logits(h), want, rtol=1e-4, atol=1e-4)
         h1 = plan.step(int(ids[0, 13]), cache, slots[0])
-        torch.testing.assert_close(ref.logits(h1)[0], full[0, 13], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ref.logits(h1)[0], ref(ids)[0, 13], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
