@@ -53,18 +53,10 @@ class AsyncLLMEngine:
         net, tok = load_model(model, tokenizer, dtype)
         return cls(LLMEngine(net, tok, **engine_kwargs))
 
-    # ---- what the server reads (it never touches the sync engine) ----
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def medium_thinking_budget(self) -> int:
-        return self.engine.medium_thinking_budget
+    # ---- what the server reads (it never touches the sync engine): read-only views of the engine's ----
+    tokenizer = property(lambda self: self.engine.tokenizer)
+    max_model_len = property(lambda self: self.engine.max_model_len)
+    medium_thinking_budget = property(lambda self: self.engine.medium_thinking_budget)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, max_model_len: int | None = None) -> int:
         """`LLMEngine.check_request`: the server calls it before it starts a response."""
