@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dnn
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 from torch import nn
 
 from ..model.moe import Experts, relu2
@@ -54,8 +54,7 @@ class EPExperts(nn.Module):
         send_split = counts.view(ep, nl).sum(1).tolist()
         recv_split = recv.view(ep, nl).sum(1).tolist()
         xs = x.index_select(0, token)
-        got = dnn.all_to_all_single(xs.new_empty(sum(recv_split), xs.shape[1]), xs, recv_split, send_split,
-                                    group=self.group)
+        got = _all_to_all(xs, recv_split, send_split, self.group)
         labels = torch.arange(nl, device=x.device).repeat(ep).repeat_interleave(recv)
         perm = labels.argsort(stable=True)                    # rows by local expert, then by source rank
         per_expert = recv.view(ep, nl).sum(0).tolist()
@@ -63,10 +62,16 @@ class EPExperts(nn.Module):
         outs = [linear(relu2(linear(c, self.up_proj[j])), self.down_proj[j]) for j, c in enumerate(chunks) if len(c)]
         y = torch.cat(outs) if outs else got
         y = y.index_select(0, perm.argsort())                 # back to (source rank, expert) order
-        back = dnn.all_to_all_single(y.new_empty(N * k, y.shape[1]), y, send_split, recv_split, group=self.group)
+        back = _all_to_all(y, send_split, recv_split, self.group)
         ys = back.float() * w.reshape(-1).index_select(0, order)[:, None]
         out = torch.zeros(N, back.shape[1], dtype=torch.float32, device=x.device)
         return out.index_add_(0, token, ys).to(x.dtype)
+
+
+def _all_to_all(x: torch.Tensor, out_split: list, in_split: list, group) -> torch.Tensor:
+    """Rows of `x` (split `in_split` over the group's ranks) exchanged; differentiable (the backward is the
+    reverse exchange)."""
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_split, in_split, group))
 
 
 def shard_experts(model: nn.Module, group, rank: int, size: int) -> dict[str, nn.Parameter]:

@@ -56,6 +56,9 @@ class Parallel:
         """Join the process group (when launched with several ranks), pick this rank's device, set torch's
         thread count; `fsdp` / `expert` are the recipe's layout (checked against the world size here)."""
         rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        if expert < 1 or world % expert:
+            raise ValueError(f"parallel.expert={expert}: the world size ({world} ranks) must be a multiple of the "
+                             "expert-parallel size")
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"train.device {device!r}: no CUDA device available")
@@ -66,9 +69,6 @@ class Parallel:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, threads // local_world if dev.type == "cpu" else threads))
-        if expert < 1 or world % expert:
-            raise ValueError(f"parallel.expert={expert}: the world size ({world} ranks) must be a multiple of the "
-                             "expert-parallel size")
         return cls(rank, world, dev, fsdp=fsdp and world > 1, ep=expert)
 
     def shard(self, model: nn.Module, bf16: bool) -> None:

@@ -22,6 +22,7 @@ Design decisions:
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -145,5 +146,7 @@ def consolidate(ckpt: Path) -> NemotronHForCausalLM:
     """The full fp32 model of a sharded checkpoint, in this process."""
     model = NemotronHForCausalLM(config_of(ckpt), init=False)
     sd = {f"model.{k}": v for k, v in model.state_dict().items()}
-    dcp.load(sd, checkpoint_id=str(Path(ckpt) / "dcp"), no_dist=True)
+    with warnings.catch_warnings():          # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=str(Path(ckpt) / "dcp"), no_dist=True)
     return model
