@@ -142,9 +142,9 @@ def test_fsdp_checkpoint_resumes_in_one_process(env):
     assert_close(root / "one", out)
 
 
-@pytest.mark.slow
 def test_four_ranks_fsdp_ep(env):
-    """4 ranks, EP 2 x FSDP2: each expert slice has two data-parallel replicas whose gradients are summed."""
+    """4 ranks, EP 2 x FSDP2: each expert slice has two data-parallel replicas whose gradients are summed (the
+    only test of that path, so not `slow`: ~35 s)."""
     root = env[0]
     torchrun(env, root / "four", "fsdp_ep", nproc=4)
     assert_close(root / "one", root / "four")
@@ -164,3 +164,22 @@ def test_impossible_layouts(monkeypatch):
     assert r["parallel"] == {"fsdp": True, "expert": 2}
     with pytest.raises(ValueError, match="did you mean 'parallel.expert'"):
         load_recipe(RECIPE, {"parallel.experts": 2})
+
+
+def test_ultra_memory_model():
+    from nemotron3.presets import count_parameters, get_preset
+    from nemotron3.train.memory import main, memory_model
+    cfg = get_preset("ultra")
+    c = count_parameters(cfg)
+    m = memory_model(cfg, world=64, ep=64)
+    assert m["expert_params"] + m["dense_params"] == c["total_params"]
+    assert m["expert_params"] > 0.9 * c["total_params"]                    # LatentMoE: experts dominate
+    per = m["expert_params"] / 64 + m["dense_params"] / 64
+    assert (m["params"], m["grads"], m["optimizer"]) == (4 * per, 4 * per, 8 * per)
+    wide = memory_model(cfg, world=512, ep=512)                             # one expert per GPU
+    assert wide["optimizer"] == pytest.approx(8 * (m["expert_params"] + m["dense_params"]) / 512)
+    assert wide["total"] < 80 * 2**30 < m["total"]
+    assert memory_model(cfg, seq_len=4096)["activations"] < m["activations"]
+    with pytest.raises(ValueError, match="must divide"):
+        memory_model(cfg, world=64, ep=48)
+    main(["ultra", "--world", "512", "--ep", "512"])
