@@ -2,7 +2,8 @@
 
 The loop of every stage that trains on packed text (pretraining, long-context, SFT); its parts live beside it:
 recipe.py (the recipe), data.py (batches), loss.py (LM + MTP + MoE balancing), optim.py (AdamW, WSD),
-parallel.py (ranks, DDP), state.py (checkpoints, resume, export, log.jsonl).
+parallel.py (ranks, DDP; FSDP2 and expert parallelism in sharded.py / expert_parallel.py), state.py (checkpoints,
+resume, export, log.jsonl).
 
 Design decisions (sources: /work/shared/reference/recipes.md §1-3):
 
@@ -43,6 +44,7 @@ from .loss import TrainLoss
 from .optim import adamw, set_lr, wsd_lr
 from .parallel import Parallel
 from .recipe import PRETRAIN, load_recipe, model_config, run_stage, stage_overrides, stage_parser, train_stage
+from .sharded import config_of, is_sharded
 from .state import RunLog, export, load_checkpoint, resumable_checkpoint, save_checkpoint, seed_everything
 
 
@@ -84,7 +86,9 @@ def build_model(recipe: dict, ckpt: Path | None, device: torch.device):
     with precision nvfp4 its GEMMs are swapped before the optimizer and DDP see the modules (parameters are
     kept). Returns (model, nvfp4 plan or None)."""
     t = recipe["train"]
-    if ckpt is not None or recipe.get("init"):
+    if is_sharded(ckpt):               # weights are loaded once the model is laid out (load_checkpoint)
+        model = NemotronHForCausalLM(config_of(ckpt), init=False).to(device).train()
+    elif ckpt is not None or recipe.get("init"):
         model = checkpoint.load(ckpt or recipe["init"], dtype=torch.float32, device=device).train()
     else:
         model = NemotronHForCausalLM(model_config(recipe)).to(device).train()
@@ -122,6 +126,8 @@ class Pretrainer:
 
     def __init__(self, model, t: dict, par: Parallel, train_ds, val_ds):
         self.model, self.t, self.par, self.train_ds, self.val_ds = model, t, par, train_ds, val_ds
+        self.n_params = model.num_parameters()
+        par.shard(model, bf16=t["precision"] == "bf16" and par.device.type == "cuda")
         self.opt = adamw(model, t)
         self.lossm = TrainLoss(model, t)
         self.net = par.wrap(self.lossm, find_unused=model.mtp is not None and self.lossm.depths == 0)
@@ -146,7 +152,8 @@ class Pretrainer:
                 loss.backward()
             stats += terms
         self.lossm.record(False)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"])
+        par.finish_grads()
+        gnorm = par.clip(self.model, self.params, t["grad_clip"])
         lr = wsd_lr(step, t)
         set_lr(self.opt, lr)
         self.opt.step()
@@ -175,20 +182,23 @@ class Pretrainer:
 
     def evaluate(self) -> dict:
         """{"val_loss"} on every rank, plus "copy_gain" (in-context copying: ~0 until an induction head forms)
-        on rank 0."""
+        on rank 0 (computed on every rank of a sharded model: its forward is collective)."""
         out = {"val_loss": self.val_loss()}
-        if self.par.master:
+        if self.par.master or self.par.sharded:
             cfg = self.model.config
             with self.autocast():
                 out["copy_gain"] = induction_score(self.model, cfg.vocab_size, n=16, batch_size=self.t["batch_size"],
                                                    bos_id=cfg.bos_token_id)["copy_gain"]
+        if not self.par.master:
+            out.pop("copy_gain", None)
         return out
 
 
 def _banner(run: Pretrainer, nvfp4_plan) -> None:
     t, ds, par = run.t, run.train_ds, run.par
     shapes = " + ".join(f"{w} x ({b} x {c.seq_len})" for c, b, w in ds.components)
-    print(f"model {run.model.num_parameters() / 1e6:.2f}M params | {par.world} rank(s) x {t['grad_accum']} accum x "
+    layout = " x ".join(x for x in ("FSDP2" if par.fsdp else "", f"EP {par.ep}" if par.ep > 1 else "") if x)
+    print(f"model {run.n_params / 1e6:.2f}M params | {par.world} rank(s){f' ({layout})' if layout else ''} x {t['grad_accum']} accum x "
           f"[{shapes}] per {len(ds.cycle)} steps | {t['precision']} on {par.device} | "
           f"{len(ds)} train rows, {ds.steps_per_epoch(par.world) // t['grad_accum']} steps/epoch", file=sys.stderr)
     if nvfp4_plan is not None:
@@ -235,9 +245,13 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
     exports OUT_DIR/model. Returns {"step", "val_loss", "stopped"}."""
     t = recipe["train"]
     t["precision"] = resolve_precision(t["precision"], torch.device(t["device"]))
-    par = Parallel.setup(t["device"], t["threads"])
+    p = recipe["parallel"]
+    par = Parallel.setup(t["device"], t["threads"], fsdp=p["fsdp"], expert=p["expert"])
     out_dir = Path(recipe["out_dir"])
     ckpt = resumable_checkpoint(out_dir, resume, verbose=par.master)
+    if par.sharded and ckpt is not None and not is_sharded(ckpt):
+        raise ValueError(f"{ckpt} is a single-process / DDP checkpoint: resume it without parallel.fsdp / "
+                         "parallel.expert (sharded runs write DCP checkpoints, which resume in any layout)")
     seed_everything(t["seed"])
     model, nvfp4_plan = build_model(recipe, ckpt, par.device)
     if par.master:
@@ -245,7 +259,7 @@ def train(recipe: dict, resume: bool = False, max_steps: int | None = None, prog
     run = Pretrainer(model, t, par, *par.master_first(lambda: prepare_data(recipe, model.config.vocab_size)))
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     if ckpt is not None:
-        load_checkpoint(ckpt, model, run.opt, state)
+        load_checkpoint(ckpt, model, run.opt, state, par)
         if par.master:
             print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
     log = RunLog(out_dir, recipe, state, resumed=ckpt is not None, enabled=par.master)
@@ -295,8 +309,8 @@ def _loop(run: Pretrainer, state: dict, log: RunLog, end: int, stop: _Stop, bar,
                    f"{state['tokens'] / max(state['elapsed'], 1e-9):,.0f} tok/s avg | {state['elapsed'] / 60:.1f} min")
             bar.write(msg) if bar is not None else print(msg, file=sys.stderr, flush=True)
         if stop.flag or step % t["save_every"] == 0 or step == end:
-            if par.master:
-                save_checkpoint(out_dir, run.model, run.opt, state)
+            if par.master or par.sharded:
+                save_checkpoint(out_dir, run.model, run.opt, state, par)
             if stop.flag:
                 break
     if par.master and state["step"] >= t["total_steps"]:

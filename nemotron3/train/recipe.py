@@ -33,6 +33,8 @@ TRAIN_DEFAULTS = dict(
     moe_aux_loss_coeff=1e-4, bias_update_rate=1e-3, eval_every=100, eval_batches=8, save_every=250,
     seed=1337, threads=2, precision="fp32", device="cpu", log_every=1, nvfp4_hp_last_fraction=0.15,
     init_embedding_mean=0.0)
+# parallel layout (train/parallel.py): FSDP2 over the non-expert weights; expert-parallel size (1 = none)
+PARALLEL_DEFAULTS = dict(fsdp=False, expert=1)
 DATA_DEFAULTS = dict(corpus_dir="runs/data/corpus", tokenizer_dir="runs/data/tokenizer", seq_len=512,
                      sources=None, mix=None, val=None)
 # keys of one data component (train/data.py `build_component`); `docs` only on longctx's "retrieval" source
@@ -58,7 +60,8 @@ class Schema:
                                    components=self.components + components)
 
 
-PRETRAIN = Schema(top={"out_dir": "runs/out", "init": None}, sections={"data": DATA_DEFAULTS, "train": TRAIN_DEFAULTS},
+PRETRAIN = Schema(top={"out_dir": "runs/out", "init": None}, sections={"data": DATA_DEFAULTS, "train": TRAIN_DEFAULTS,
+                                                                        "parallel": PARALLEL_DEFAULTS},
                   components=("data.mix", "data.val"), model=True)
 
 

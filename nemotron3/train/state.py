@@ -12,6 +12,10 @@ Design decisions:
   restored, so `--resume` replays the uninterrupted run; `RunLog` drops the log records written after the
   checkpoint, which the resumed run writes again.
 * Only the process that owns the files (rank 0) writes them; `RunLog(enabled=False)` on the others.
+* A sharded run (FSDP2 / expert parallelism, `par.sharded`) keeps the same directory and trainer/ files, but its
+  model and optimizer tensors live in checkpoint/dcp (torch.distributed.checkpoint, written by every rank:
+  sharded.py); `load_checkpoint` and `export` read either format, so a sharded checkpoint resumes on any world
+  size or in one process and exports the same HF directory.
 """
 from __future__ import annotations
 
@@ -59,8 +63,12 @@ def _set_rng(t: dict, j: dict) -> None:
     random.setstate((v, tuple(state), g))
 
 
-def save_checkpoint(out_dir: Path, model, opt, state: dict) -> Path:
-    """Write out_dir/checkpoint/ (model, optimizer, RNGs, `state`) atomically; returns its path."""
+def save_checkpoint(out_dir: Path, model, opt, state: dict, par=None) -> Path:
+    """Write out_dir/checkpoint/ (model, optimizer, RNGs, `state`) atomically; returns its path. With a sharded
+    `par` this is collective (every rank calls it), otherwise rank 0's alone."""
+    if par is not None and par.sharded:
+        from .sharded import save_sharded
+        return save_sharded(out_dir, model, opt, par, lambda tmp: _trainer_files(tmp, opt, state))
     final, tmp, old = out_dir / "checkpoint", out_dir / "checkpoint.tmp", out_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save(model, tmp, dtype=torch.float32)
@@ -70,16 +78,22 @@ def save_checkpoint(out_dir: Path, model, opt, state: dict) -> Path:
         for k, v in opt.state.get(p, {}).items():
             opt_t[f"{name}.{k}"] = v.detach().reshape(v.shape or (1,)).contiguous().cpu()
     save_file(opt_t, str(tmp / "trainer" / "optimizer.safetensors"))
-    rng_t, rng_j = _rng_tensors()
-    save_file(rng_t, str(tmp / "trainer" / "rng.safetensors"))
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    (tmp / "trainer" / "state.json").write_text(json.dumps({**state, "rng": rng_j, "param_groups": groups}, indent=1))
+    _trainer_files(tmp, opt, state)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _trainer_files(tmp: Path, opt, state: dict) -> None:
+    """trainer/rng.safetensors and trainer/state.json (the optimizer's hyperparameters ride along)."""
+    (tmp / "trainer").mkdir(exist_ok=True)
+    rng_t, rng_j = _rng_tensors()
+    save_file(rng_t, str(tmp / "trainer" / "rng.safetensors"))
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    (tmp / "trainer" / "state.json").write_text(json.dumps({**state, "rng": rng_j, "param_groups": groups}, indent=1))
 
 
 def find_checkpoint(out_dir: Path) -> Path | None:
@@ -100,11 +114,18 @@ def resumable_checkpoint(out_dir: Path, resume: bool, verbose: bool = True) -> P
     return ckpt
 
 
-def load_checkpoint(path: Path, model, opt, state: dict) -> dict:
-    """Restore optimizer and RNG state into `opt` (model weights are loaded by `checkpoint.load`) and the saved
-    values of `state`'s keys into `state`; returns `state`."""
-    tensors = checkpoint.load_safetensors(path / "trainer" / "optimizer.safetensors")
+def load_checkpoint(path: Path, model, opt, state: dict, par=None) -> dict:
+    """Restore optimizer and RNG state into `opt` (model weights are loaded by `checkpoint.load`; those of a
+    sharded checkpoint here, into `model` as `par` lays it out) and the saved values of `state`'s keys into
+    `state`; returns `state`."""
+    from .sharded import is_sharded, load_sharded
     saved = json.loads((path / "trainer" / "state.json").read_text())
+    if is_sharded(path):
+        load_sharded(path, model, opt, par)
+        _set_rng(checkpoint.load_safetensors(path / "trainer" / "rng.safetensors"), saved["rng"])
+        state.update({k: v for k, v in saved.items() if k in state})
+        return state
+    tensors = checkpoint.load_safetensors(path / "trainer" / "optimizer.safetensors")
     sd = opt.state_dict()
     index = {id(p): i for i, p in enumerate(q for g in opt.param_groups for q in g["params"])}
     sd["state"] = {}
@@ -122,8 +143,10 @@ def load_checkpoint(path: Path, model, opt, state: dict) -> dict:
 def export(out_dir: Path, tokenizer_dir=None, dtype: str = "bfloat16") -> Path:
     """OUT_DIR/checkpoint -> OUT_DIR/model: config.json + model.safetensors (`dtype`) + tokenizer files,
     loadable with `nemotron3.load`."""
-    model_dir = Path(out_dir) / "model"
-    checkpoint.save(checkpoint.load(Path(out_dir) / "checkpoint", dtype=torch.float32), model_dir, dtype=dtype)
+    from .sharded import consolidate, is_sharded
+    model_dir, ckpt = Path(out_dir) / "model", Path(out_dir) / "checkpoint"
+    model = consolidate(ckpt) if is_sharded(ckpt) else checkpoint.load(ckpt, dtype=torch.float32)
+    checkpoint.save(model, model_dir, dtype=dtype)
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, model_dir)
     return model_dir
