@@ -67,7 +67,7 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
     add_error_handlers(app, server.metrics.error)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)   # HEAD: Claude Code's probe
     async def index():
         return HTMLResponse(page)
 
