@@ -147,7 +147,10 @@ def test_previous_response_chain(client, server):
     assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 64 * 64
     alone = client.responses.create(model="tiny", input="and again?", max_output_tokens=5)
     assert alone.output_text != first.output_text and alone.status == "incomplete"
-    assert alone.incomplete_details.reason == "max_output_tokens"
+    assert alone.incomplete_details.reason == "max_output_tokens" and alone.output[-1].status == "incomplete"
+    events = raw_events(server, {"input": "and again?", "max_output_tokens": 5})
+    assert events[-1].type == "response.incomplete" and events[-1].response.output[-1].status == "incomplete"
+    assert events[-1].response.usage.output_tokens == 5
 
 
 def test_get_delete_and_eviction(client):

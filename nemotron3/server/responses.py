@@ -299,16 +299,17 @@ def plan_response(server: Server, store: ResponseStore, req: ResponsesRequest) -
 
 # ====================================================================== output
 
-def reasoning_item(text: str, seal_it: bool, rid: str | None = None, done: bool = True) -> dict:
+def reasoning_item(text: str, seal_it: bool, rid: str | None = None, done: bool = True,
+                   status: str = "completed") -> dict:
     return {"id": rid or _id("rs"), "type": "reasoning", "summary": [],
             "content": [{"type": "reasoning_text", "text": text}] if done else [],
             "encrypted_content": seal(text) if seal_it and done else None,
-            "status": "completed" if done else "in_progress"}
+            "status": status if done else "in_progress"}
 
 
-def message_item(text: str, mid: str | None = None, done: bool = True) -> dict:
+def message_item(text: str, mid: str | None = None, done: bool = True, status: str = "completed") -> dict:
     return {"id": mid or _id("msg"), "type": "message", "role": "assistant",
-            "status": "completed" if done else "in_progress",
+            "status": status if done else "in_progress",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if done else []}
 
 
@@ -353,6 +354,10 @@ def output_items(final, plan: ChatPlan, seal_it: bool) -> list[dict]:
     if d.content or not calls:
         items.append(message_item(d.content))
     items += [call_item(tc.id, tc.name, tc.arguments_json) for tc in calls]
+    if _status(final) == "incomplete":              # the item max_output_tokens cut (and the empty answer after it)
+        cut = items[-2:] if len(items) == 2 and not d.content and not calls else items[-1:]
+        for item in cut:
+            item["status"] = "incomplete"
     return items
 
 
@@ -392,18 +397,18 @@ class EventStream:
                                   content_index=0, part=part))
         return out
 
-    def close(self) -> list[str]:
+    def close(self, status: str = "completed") -> list[str]:
         item, self.open = self.open, None
         if item is None:
             return []
         at, iid, text = len(self.items), item["id"], self.text
         if item["type"] == "reasoning":
-            done = reasoning_item(text, self.seal_it, iid)
+            done = reasoning_item(text, self.seal_it, iid, status=status)
             part = done["content"][0]
             out = [self.event("response.reasoning_text.done", item_id=iid, output_index=at, content_index=0,
                               text=text)]
         else:
-            done = message_item(text, iid)
+            done = message_item(text, iid, status=status)
             part = done["content"][0]
             out = [self.event("response.output_text.done", item_id=iid, output_index=at, content_index=0,
                               text=text, logprobs=[])]
@@ -444,11 +449,12 @@ class EventStream:
         return out
 
     def finish(self, final) -> tuple[list[str], dict]:
-        out = self.close()
+        status = _status(final)
+        out = self.close(status)
         if not any(i["type"] in ("message", "function_call") for i in self.items):
             out += self._start(message_item("", done=False),
-                               {"type": "output_text", "text": "", "annotations": [], "logprobs": []}) + self.close()
-        status = _status(final)
+                               {"type": "output_text", "text": "", "annotations": [], "logprobs": []}) + \
+                self.close(status)
         response = self.snapshot(status, usage(final))
         out.append(self.event(f"response.{status}", response=response))
         return out, response
