@@ -223,13 +223,14 @@ def function_tools(tools: list[dict] | None) -> list[dict]:
     return out
 
 
-def structured_format(req: ResponsesRequest) -> dict | None:
-    """`text.format` in chat's `response_format` shape (json_schema's fields nest under `json_schema`): the one
-    place the structured-output machinery takes it from; until that exists, non-text formats are a 400."""
+def check_text_format(req: ResponsesRequest) -> None:
+    """`text.format`: the one place the Responses API reads it. It is chat's `response_format` with
+    json_schema's fields at the top level (`{type, name, schema, strict}`); structured outputs will take it
+    from here. Until they exist json_object / json_schema are a 400, as chat's response_format is."""
     fmt = req.text.format if req.text else None
-    if fmt is None or fmt.get("type") == "text":
-        return None
-    kind = fmt.get("type")
+    kind = None if fmt is None else fmt.get("type")
+    if kind in (None, "text"):
+        return
     if kind not in ("json_object", "json_schema"):
         raise APIError(400, f"text.format.type must be text, json_object or json_schema (got {kind!r})",
                        param="text.format")
@@ -241,7 +242,7 @@ def structured_format(req: ResponsesRequest) -> dict | None:
 
 def plan_response(server: Server, store: ResponseStore, req: ResponsesRequest) -> tuple[ChatPlan, list[dict]]:
     """(the chat plan, the conversation so far without instructions: what a continuation starts from)."""
-    structured_format(req)
+    check_text_format(req)
     history: list[dict] = []
     if req.previous_response_id is not None:
         prev = store.get(req.previous_response_id)
