@@ -136,6 +136,15 @@ def test_streamed_function_call(server):
     assert events[-1].response.output[-1].arguments == events[at + 1].arguments
 
 
+def test_parallel_tool_calls(client):
+    r = client.responses.create(model="tiny", input="SCRIPT_TWO", tools=TOOLS)
+    assert [o.type for o in r.output] == ["reasoning", "message", "function_call", "function_call"]
+    assert [json.loads(o.arguments)["city"] for o in r.output[2:]] == ["Paris", "Rome"]
+    assert r.output[1].content[0].text == "Let me check." and r.output[2].call_id != r.output[3].call_id
+    one = client.responses.create(model="tiny", input="SCRIPT_TWO", tools=TOOLS, parallel_tool_calls=False)
+    assert [o.type for o in one.output].count("function_call") == 1 and one.parallel_tool_calls is False
+
+
 def test_previous_response_chain(client, server):
     system = "You are a helpful assistant. " + CHAT_WORDS * 2           # > 2 prefix-cache blocks of 64 tokens
     first = client.responses.create(model="tiny", input="hi SCRIPT_HELLO", instructions=system)
