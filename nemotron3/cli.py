@@ -150,7 +150,8 @@ def cmd_serve(args) -> None:
     names = args.served_model_name or [args.model or Path(model).name]
     llm = LLM(model, **_engine_kwargs(args))
     app = create_app(llm, served_model_name=names, api_key=args.api_key,
-                     max_pending=args.max_pending, max_body_bytes=args.max_request_bytes)
+                     max_pending=args.max_pending, max_body_bytes=args.max_request_bytes,
+                     responses_store_size=args.responses_store_size)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API under /v1); "
           f"decode: {llm.engine.decode_path()}; K/V cache {llm.engine.cache.kv_dtype}", flush=True)
@@ -347,6 +348,8 @@ def main(argv=None) -> None:
                    help="name(s) clients use as `model` (default: MODEL as given, or 'pico')")
     s.add_argument("--max-pending", type=int, default=256, help="sequences in flight before 429")
     s.add_argument("--max-request-bytes", type=int, default=8 << 20, help="request body limit (413 above)")
+    s.add_argument("--responses-store-size", type=int, default=1024,
+                   help="responses kept for previous_response_id / GET /v1/responses/{id} (LRU; 0 = none)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(fn=cmd_serve)
 

@@ -141,3 +141,49 @@ def test_errors(client, server):
     r = httpx.post(server[0] + "/v1/messages", headers={"x-api-key": "secret"},
                    json={"model": "tiny", "messages": user("hi")})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("max_tokens")
+
+
+def test_claude_code_request_shape(client, server):
+    """What Claude Code sends: a `role: system` message inside `messages` (rendered as a system turn in place),
+    cache_control on blocks, thinking adaptive + output_config.effort, context_management, metadata,
+    `?beta=true`; and its `HEAD /` reachability probe."""
+    tok = server[2]
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>be nice</system-reminder>"},
+                                         {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": "Agents: none. SCRIPT_ANSWER"}]
+    extra = dict(extra_query={"beta": "true"}, metadata={"user_id": '{"session": "x"}'},
+                 extra_body={"context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}})
+    system = [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    r = client.messages.create(model="tiny", max_tokens=100, messages=msgs, system=system, **extra)
+    assert r.content[-1].text == "The answer is 42."           # the script key is only in the system message
+    expected = tok.apply_chat_template(
+        [{"role": "system", "content": "You are Claude Code."},
+         {"role": "user", "content": "<system-reminder>be nice</system-reminder>hi"},
+         {"role": "system", "content": "Agents: none. SCRIPT_ANSWER"}],
+        add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    assert "<|im_start|>system\nAgents: none." in expected
+    count = client.messages.count_tokens(model="tiny", messages=msgs, system=system, extra_query={"beta": "true"})
+    assert count.input_tokens == len(tok.encode(expected))
+    # system content as text blocks; anything but text there is refused
+    blocks = [{"role": "system", "content": [{"type": "text", "text": "SCRIPT_ANSWER"}]}, *user("hi")]
+    assert client.messages.create(model="tiny", max_tokens=100, messages=blocks).content[-1].text == \
+        "The answer is 42."
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="tiny", max_tokens=10, messages=user("hi") + [
+            {"role": "system", "content": [{"type": "image", "source": {}}]}])
+    # effort maps like reasoning_effort: medium has a budget (~max_tokens // 2), high none (regular thinking)
+    kw = dict(model="tiny", max_tokens=30, messages=user("tell me something"), thinking={"type": "adaptive"},
+              extra_query={"beta": "true"})
+
+    def effort(e):
+        return {"extra_body": {**extra["extra_body"], "output_config": {"effort": e}, "temperature": 0}}
+
+    medium = client.messages.create(**kw, **effort("medium"))     # greedy: the same reasoning, cut at the budget
+    high = client.messages.create(**kw, **effort("max"))          # the random model never closes it by itself
+    assert [b.type for b in high.content] == ["thinking"] and high.stop_reason == "max_tokens"
+    assert medium.content[0].type == "thinking" and len(medium.content[0].thinking) < len(high.content[0].thinking)
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(**kw, **effort("extreme"))
+    head = httpx.head(server[0] + "/")
+    assert head.status_code == 200 and head.content == b""
+    assert httpx.get(server[0] + "/").text.lstrip().lower().startswith("<!doctype html")

@@ -23,7 +23,7 @@ def test_serve_command(server_model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "nemotron3.cli", "serve", str(server_model_dir), "--port", str(port),
                              "--served-model-name", "tiny", "--api-key", "k", "--max-model-len", "600",
                              "--max-num-seqs", "2", "--num-speculative-tokens", "1", "--log-level", "warning",
-                             "--threads", "1", "--weight-dtype", "bfloat16"],
+                             "--threads", "1", "--weight-dtype", "bfloat16", "--responses-store-size", "0"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -42,6 +42,10 @@ def test_serve_command(server_model_dir):
                                            extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 6
         assert httpx.get(url + "/v1/models").status_code == 401
+        resp = client.responses.create(model="tiny", input="hi", max_output_tokens=4)
+        assert 1 <= resp.usage.output_tokens <= 4 and resp.object == "response"
+        with pytest.raises(openai.NotFoundError):               # --responses-store-size 0: nothing is kept
+            client.responses.retrieve(resp.id)
         metrics = httpx.get(url + "/metrics").text
         assert "nemotron3_spec_decode_num_draft_tokens_total" in metrics
         assert 'nemotron3_spec_decode_num_draft_tokens_total{model_name="tiny"} 0\n' not in metrics  # MTP drafted

@@ -8,7 +8,12 @@ Mapping (design decisions):
   `tool_use` blocks become `tool_calls`. Images and documents are refused (400): the model reads text only.
 * Thinking is **off unless requested**, as in Anthropic's API: `thinking: {type: enabled, budget_tokens}`
   turns it on with that budget (it must be below `max_tokens`), `{type: adaptive}` turns it on without a
-  budget. Reasoning comes back as `thinking` blocks with an empty `signature` (there is nothing to sign).
+  budget. `output_config.effort` (low / medium / high / max) then maps onto the engine's modes exactly as
+  OpenAI's `reasoning_effort` does (max = high). Reasoning comes back as `thinking` blocks with an empty
+  `signature` (there is nothing to sign).
+* **As Claude Code sends it**: `role: "system"` messages inside `messages` are system turns in place (the chat
+  template renders a mid-conversation system turn); `context_management`, `metadata`, `cache_control` on
+  blocks and the `?beta=true` query are accepted and have no effect here.
 * `tool_choice` `any` / `tool` steer like OpenAI's `required` / named function (see serving.py); `none` leaves
   the tools out; `disable_parallel_tool_use` keeps the first call. Only custom tools (name, description,
   input_schema) exist here; server tools (`web_search_...`) are refused.
@@ -32,10 +37,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..chat.parsers import StreamParser, parse_output
 from . import protocol
 from .http import SSE_HEADERS, until_disconnect
+from .openai import thinking_settings
 from .protocol import APIError
 from .serving import ChatPlan, ChatStreamState, Server, with_system_note
 
 log = logging.getLogger("nemotron3.server")
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}     # onto reasoning_effort's scale
 
 
 def _event(name: str, obj) -> str:
@@ -46,8 +53,8 @@ def _tool_id(call_id: str) -> str:
     return "toolu_" + call_id[len("call_"):] if call_id.startswith("call_") else call_id
 
 
-def _text_of(content, where: str) -> str:
-    """Text of a tool_result's content (a string or a list of text blocks)."""
+def _text_of(content, where: str, what: str = "tool results") -> str:
+    """Text of a tool_result's (or system message's) content (a string or a list of text blocks)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -55,7 +62,7 @@ def _text_of(content, where: str) -> str:
     parts = []
     for j, b in enumerate(content):
         if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
-            raise APIError(400, f"{where}.content[{j}]: only text blocks are supported in tool results")
+            raise APIError(400, f"{where}.content[{j}]: only text blocks are supported in {what}")
         parts.append(b["text"])
     return "\n".join(parts)
 
@@ -75,9 +82,13 @@ def convert_messages(req) -> list[dict]:
         out.append({"role": "system", "content": system})
     for i, m in enumerate(req.messages):
         where = f"messages.{i}"
-        if m.role not in ("user", "assistant"):
-            raise APIError(400, f"{where}.role: must be 'user' or 'assistant' (got {m.role!r}); put system "
-                                "prompts in the top-level `system` field")
+        if m.role not in ("user", "assistant", "system"):
+            raise APIError(400, f"{where}.role: must be 'user', 'assistant' or 'system' (got {m.role!r})")
+        if m.role == "system":                  # Claude Code: a system turn in place (agent and skill lists)
+            out.append({"role": "system", "content": m.content if isinstance(m.content, str) else
+                        _text_of([b.model_dump(exclude_none=True) for b in m.content], where,
+                                 "system messages")})
+            continue
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
@@ -163,6 +174,11 @@ def plan_messages(server: Server, req, *, count_only=False):
         budget = th.budget_tokens if th.type == "enabled" else None
         if not count_only and budget is not None and budget >= req.max_tokens:
             raise APIError(400, f"thinking.budget_tokens ({budget}) must be less than max_tokens ({req.max_tokens})")
+        effort = req.output_config.effort if req.output_config else None
+        if effort is not None:
+            if effort not in EFFORTS:
+                raise APIError(400, f"output_config.effort: must be one of {', '.join(EFFORTS)} (got {effort!r})")
+            mode, budget = thinking_settings(server, EFFORTS[effort], kwargs, budget, "output_config")
     else:
         kwargs["enable_thinking"] = False
     text, ids = server.render(messages, tools if parse_tools else None, kwargs)

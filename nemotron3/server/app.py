@@ -3,12 +3,12 @@
     app = create_app(LLM("models/pico"), served_model_name="pico", api_key=None)
     uvicorn.run(app, host="127.0.0.1", port=8000)          # what `nemotron3 serve` does
 
-The layers, as vLLM's entrypoints: `app.py` (this: wiring) -> `openai.py` / `anthropic.py` (protocols: request
--> plan, outputs -> responses) -> `serving.py` (limits, the engine's request checks, rendering, running a
-request with metrics) -> the engine. `http.py` holds the middleware, JSON body handling and error shaping,
-`protocol.py` the request and response models, `metrics.py` the Prometheus metrics. Every request is its own
-engine request (nothing is serialised behind a lock); the engine's text deltas run through
-`chat.parsers.StreamParser` to split reasoning, content and tool calls.
+The layers, as vLLM's entrypoints: `app.py` (this: wiring) -> `openai.py` / `responses.py` / `anthropic.py`
+(protocols: request -> plan, outputs -> responses) -> `serving.py` (limits, the engine's request checks,
+rendering, running a request with metrics) -> the engine. `http.py` holds the middleware, JSON body handling
+and error shaping, `protocol.py` / `protocol_responses.py` the request and response models, `metrics.py` the
+Prometheus metrics. Every request is its own engine request (nothing is serialised behind a lock); the
+engine's text deltas run through `chat.parsers.StreamParser` to split reasoning, content and tool calls.
 
 Limits: request bodies over `max_body_bytes` get 413; `n` is capped by `max_n`; the sequences in flight by
 `max_pending` (429); `max_tokens` must fit the context (`max_model_len`); the API key (if set) is checked on
@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
 from ..engine import LLM, AsyncLLMEngine, LLMEngine
-from . import anthropic, openai
+from . import anthropic, openai, responses
 from .http import GuardMiddleware, JSONBodyRoute, add_error_handlers
 from .metrics import CONTENT_TYPE
 from .serving import Server
@@ -33,10 +33,11 @@ STATIC = Path(__file__).parent / "static"
 
 def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, api_key: str | None = None,
                max_model_len: int | None = None, *, max_pending: int = 256, max_body_bytes: int = 8 << 20,
-               max_n: int = 16) -> FastAPI:
+               max_n: int = 16, responses_store_size: int = 1024) -> FastAPI:
     """The FastAPI app. `engine_or_llm`: an `AsyncLLMEngine`, `LLMEngine` or `LLM`. `max_model_len` may
     lower (never raise) the engine's context limit; `max_pending` caps the sequences in flight (429 above
-    it); `max_body_bytes` caps request bodies (413); `max_n` caps `n`."""
+    it); `max_body_bytes` caps request bodies (413); `max_n` caps `n`; `responses_store_size` bounds the
+    Responses API's in-memory store (least recently used evicted first; 0 stores nothing)."""
     if isinstance(engine_or_llm, LLM):
         engine = AsyncLLMEngine.from_llm(engine_or_llm)
     elif isinstance(engine_or_llm, LLMEngine):
@@ -66,7 +67,7 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
     add_error_handlers(app, server.metrics.error)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)   # HEAD: Claude Code's probe
     async def index():
         return HTMLResponse(page)
 
@@ -79,6 +80,7 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     openai.add_routes(app, server)
+    responses.add_routes(app, server, responses_store_size)
     anthropic.add_routes(app, server)
     app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes,
                        on_error=server.metrics.error)

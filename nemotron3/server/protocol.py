@@ -337,6 +337,10 @@ class AnthropicTextBlock(_Model):
     text: str
 
 
+class AnthropicOutputConfig(_Model):
+    effort: Optional[str] = None
+
+
 class MessagesRequest(_Model):
     model: str
     max_tokens: Int = Field(ge=1)
@@ -349,6 +353,8 @@ class MessagesRequest(_Model):
     tools: Optional[list[AnthropicTool]] = None
     tool_choice: Optional[AnthropicToolChoice] = None
     thinking: Optional[AnthropicThinking] = None
+    output_config: Optional[AnthropicOutputConfig] = None
+    context_management: Optional[dict[str, Any]] = None       # accepted, no effect (nothing is cleared)
     stream: bool = False
     metadata: Optional[dict[str, Any]] = None
 
@@ -378,3 +384,4 @@ class CountTokensRequest(_Model):
     tools: Optional[list[AnthropicTool]] = None
     tool_choice: Optional[AnthropicToolChoice] = None
     thinking: Optional[AnthropicThinking] = None
+    output_config: Optional[AnthropicOutputConfig] = None
