@@ -142,10 +142,11 @@ def cmd_serve(args) -> None:
     from .engine import LLM
     from .server import create_app
     model = args.model or default_model()
-    names = args.served_model_name or [args.model or Path(model).name]
+    names = args.served_model_name or [Path(model).resolve().name]
     llm = LLM(model, **_engine_kwargs(args))
-    app = create_app(llm, served_model_name=names, api_key=args.api_key,
-                     max_pending=args.max_pending, max_body_bytes=args.max_request_bytes)
+    app = create_app(llm, served_model_name=names, api_key=args.api_key, max_pending=args.max_pending,
+                     max_body_bytes=args.max_request_bytes, metrics_public=args.metrics_public,
+                     body_timeout=args.body_timeout)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API under /v1); "
           f"decode: {llm.engine.decode_path()}; K/V cache {llm.engine.cache.kv_dtype}", flush=True)
@@ -333,11 +334,15 @@ def main(argv=None) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("NEMOTRON3_API_KEY"),
-                   help="require this key on /v1/* (Bearer or x-api-key; default: $NEMOTRON3_API_KEY)")
+                   help="require this key everywhere but / and /health (Bearer or x-api-key; default: "
+                        "$NEMOTRON3_API_KEY)")
+    s.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     s.add_argument("--served-model-name", nargs="+", default=None,
-                   help="name(s) clients use as `model` (default: MODEL as given, or 'pico')")
+                   help="name(s) clients use as `model` (default: the model directory's name, e.g. 'pico')")
     s.add_argument("--max-pending", type=int, default=256, help="sequences in flight before 429")
     s.add_argument("--max-request-bytes", type=int, default=8 << 20, help="request body limit (413 above)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may stall before 408 (slow or truncated uploads)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(fn=cmd_serve)
 

@@ -21,7 +21,7 @@ def test_serve_command(server_model_dir):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nemotron3.cli", "serve", str(server_model_dir), "--port", str(port),
-                             "--served-model-name", "tiny", "--api-key", "k", "--max-model-len", "600",
+                             "--api-key", "k", "--max-model-len", "600",
                              "--max-num-seqs", "2", "--num-speculative-tokens", "1", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -35,15 +35,17 @@ def test_serve_command(server_model_dir):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
-        [m] = client.models.list().data
-        assert m.id == "tiny" and m.model_extra["max_model_len"] == 600
-        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        [m] = client.models.list().data                       # the default name: the directory's, not its path
+        assert m.id == server_model_dir.name and m.model_extra["max_model_len"] == 600
+        r = client.chat.completions.create(model=m.id, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                            extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 6
         assert httpx.get(url + "/v1/models").status_code == 401
-        metrics = httpx.get(url + "/metrics").text
+        assert httpx.get(url + "/metrics").status_code == 401
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"}).text
         assert "nemotron3_spec_decode_num_draft_tokens_total" in metrics
-        assert 'nemotron3_spec_decode_num_draft_tokens_total{model_name="tiny"} 0\n' not in metrics  # MTP drafted
+        assert f'nemotron3_spec_decode_num_draft_tokens_total{{model_name="{m.id}"}} 0\n' not in metrics  # drafted
+        assert str(server_model_dir.parent) not in metrics and f'model_name="{m.id}"' in metrics
     finally:
         proc.terminate()
         proc.wait(20)

@@ -11,8 +11,10 @@ engine request (nothing is serialised behind a lock); the engine's text deltas r
 `chat.parsers.StreamParser` to split reasoning, content and tool calls.
 
 Limits: request bodies over `max_body_bytes` get 413; `n` is capped by `max_n`; the sequences in flight by
-`max_pending` (429); `max_tokens` must fit the context (`max_model_len`); the API key (if set) is checked on
-/v1/* only, with constant-time compare. The chat page is served from the same origin, so no CORS headers.
+`max_pending` (429); `max_tokens` must fit the context (`max_model_len`); request bodies idle for
+`body_timeout` seconds get 408. The API key (if set) is checked, with constant-time compare, on everything but
+the chat page and /health (/metrics too unless `metrics_public`). The chat page is served from the same
+origin, so no CORS headers.
 """
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ STATIC = Path(__file__).parent / "static"
 
 def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, api_key: str | None = None,
                max_model_len: int | None = None, *, max_pending: int = 256, max_body_bytes: int = 8 << 20,
-               max_n: int = 16) -> FastAPI:
+               max_n: int = 16, metrics_public: bool = False, body_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app. `engine_or_llm`: an `AsyncLLMEngine`, `LLMEngine` or `LLM`. `max_model_len` may
     lower (never raise) the engine's context limit; `max_pending` caps the sequences in flight (429 above
-    it); `max_body_bytes` caps request bodies (413); `max_n` caps `n`."""
+    it); `max_body_bytes` caps request bodies (413); `max_n` caps `n`; `metrics_public` serves /metrics
+    without the API key; `body_timeout`: seconds a request body may stall (408)."""
     if isinstance(engine_or_llm, LLM):
         engine = AsyncLLMEngine.from_llm(engine_or_llm)
     elif isinstance(engine_or_llm, LLMEngine):
@@ -81,5 +84,5 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
     openai.add_routes(app, server)
     anthropic.add_routes(app, server)
     app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes,
-                       on_error=server.metrics.error)
+                       on_error=server.metrics.error, metrics_public=metrics_public, body_timeout=body_timeout)
     return app

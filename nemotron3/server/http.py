@@ -50,13 +50,21 @@ def error_response(path: str, status: int, message: str, type=None, param=None, 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class GuardMiddleware:
-    """Pure ASGI (so streaming and disconnects pass straight through): the API key on /v1/*, then the
-    request body size limit (Content-Length checked up front; chunked bodies counted while read).
-    `on_error(status)` is told of every refusal (the metrics)."""
+PUBLIC_PATHS = frozenset({"/", "/health"})
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, on_error: Callable[[int], None]):
+
+class GuardMiddleware:
+    """Pure ASGI (so streaming and disconnects pass straight through): the API key on every path but the
+    chat page and /health (and /metrics when `metrics_public`), then the request body: its size limit
+    (Content-Length checked up front, chunked bodies counted while read) and an idle timeout (a client that
+    stops sending mid-body gets 408 after `body_timeout` seconds and the connection is closed). Bodies are
+    read here and replayed to the app. `on_error(status)` is told of every refusal (the metrics)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, on_error: Callable[[int], None],
+                 metrics_public: bool = False, body_timeout: float = 30.0):
         self.app, self.api_key, self.max_body_bytes, self.on_error = app, api_key, max_body_bytes, on_error
+        self.public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -64,7 +72,7 @@ class GuardMiddleware:
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = self.api_key
-        if key and path.startswith("/v1"):
+        if key and path not in self.public:
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), key.encode()):
@@ -78,10 +86,16 @@ class GuardMiddleware:
             self.on_error(413)
             return await error_response(path, 413, f"The request body exceeds the limit of {limit} bytes.",
                                         code="request_too_large")(scope, receive, send)
-        if scope.get("method") in ("POST", "PUT", "PATCH") and length is None:
-            body, more = bytearray(), True               # chunked: read it all (bounded) before the app does
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            body, more = bytearray(), True               # read it all (bounded, timed) before the app does
             while more:
-                msg = await receive()
+                try:
+                    msg = await asyncio.wait_for(receive(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    self.on_error(408)
+                    return await error_response(path, 408, f"The request body was not received within "
+                                                f"{self.body_timeout:g} s.", code="request_timeout",
+                                                headers={"Connection": "close"})(scope, receive, send)
                 if msg["type"] == "http.disconnect":
                     return
                 body += msg.get("body", b"")

@@ -1,0 +1,69 @@
+"""Security findings of issue 19 on the server: everything but the chat page and /health is behind the API key
+(/metrics public only on request), and a request body that stalls gets 408 quickly instead of holding the
+connection."""
+import socket
+import time
+
+import httpx
+import pytest
+
+from engine_utils import one_thread  # noqa: F401
+from server_utils import live_server
+from test_server_errors import make_engine
+from nemotron3.server import create_app
+
+
+@pytest.fixture(scope="module")
+def engine(server_model_dir):
+    return make_engine(server_model_dir)
+
+
+@pytest.mark.parametrize("metrics_public", [False, True])
+def test_api_key_covers_metrics_and_openapi(engine, metrics_public):
+    app = create_app(engine, served_model_name="tiny", api_key="k3y", metrics_public=metrics_public)
+    with live_server(app) as url:
+        for path in ("/openapi.json", "/v1/models", "/docs", "/nope"):
+            r = httpx.get(url + path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        r = httpx.get(url + "/metrics")
+        assert r.status_code == (200 if metrics_public else 401)
+        for path in ("/", "/health"):
+            assert httpx.get(url + path).status_code == 200
+        key = {"Authorization": "Bearer k3y"}
+        assert httpx.get(url + "/openapi.json", headers=key).json()["info"]["title"] == "nemotron3"
+        r = httpx.get(url + "/metrics", headers=key)
+        assert r.status_code == 200 and 'model_name="tiny"' in r.text
+
+
+def raw_request(url, head: bytes, body: bytes, wait: float) -> tuple[bytes, float]:
+    """Send `head` + `body` on a raw socket, then read until the server closes (or `wait` s pass)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head + body)
+        s.settimeout(wait)
+        t, data = time.monotonic(), b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except TimeoutError:
+            pass
+        return data, time.monotonic() - t
+
+
+def test_truncated_body_times_out(engine):
+    app = create_app(engine, served_model_name="tiny", body_timeout=0.5)
+    with live_server(app) as url:
+        body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}'
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body) + 100}\r\n\r\n").encode()
+        data, took = raw_request(url, head, body, wait=10)
+        assert data.startswith(b"HTTP/1.1 408"), data[:200]
+        assert b"request_timeout" in data and took < 5          # answered, and the connection closed
+        # chunked uploads that stall, too
+        head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        data, took = raw_request(url, head, b"5\r\n{\"mod\r\n", wait=10)
+        assert data.startswith(b"HTTP/1.1 408") and b'"type":"error"' in data and took < 5, data[:300]
+        # a complete body is unaffected
+        r = httpx.post(url + "/v1/chat/completions", content=body, timeout=30,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 200
