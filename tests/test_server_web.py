@@ -62,3 +62,33 @@ def test_chat_page_streams_reasoning_answer_and_tool_calls(page_url):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_api_key_stays_in_memory_unless_remembered(server_model_dir):
+    tok = load_tokenizer(server_model_dir)
+    engine = ScriptedEngine(load(server_model_dir), tok, SCRIPTS, max_num_seqs=2, max_model_len=1024)
+    with live_server(create_app(engine, served_model_name="tiny", api_key="s3cret")) as url, \
+            sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page()
+            stored = lambda: page.evaluate("localStorage.getItem('nemotron3:api-key')")  # noqa: E731
+            page.goto(url + "/")
+            sync_api.expect(page.locator("#model-name")).to_contain_text("cannot list models")
+            page.fill("#api-key", "s3cret")
+            page.dispatch_event("#api-key", "change")
+            sync_api.expect(page.locator("#model-name")).to_contain_text("tiny")
+            assert stored() is None and not page.is_checked("#remember-key")
+            page.reload()
+            assert page.input_value("#api-key") == ""                      # forgotten with the page
+            page.fill("#api-key", "s3cret")
+            page.check("#remember-key")
+            assert stored() == "s3cret"
+            page.reload()
+            assert page.input_value("#api-key") == "s3cret" and page.is_checked("#remember-key")
+            sync_api.expect(page.locator("#model-name")).to_contain_text("tiny")
+            page.uncheck("#remember-key")
+            assert stored() is None
+        finally:
+            browser.close()
