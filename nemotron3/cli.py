@@ -158,7 +158,8 @@ def cmd_chat(args) -> None:
     from .engine import LLM
     llm = LLM(args.model or default_model(), **_engine_kwargs(args))
     run_chat(llm.engine, system=args.system, thinking=not args.no_thinking, thinking_budget=args.thinking_budget,
-             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, tools=args.tools)
+             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, tools=args.tools,
+             yes=args.yes)
 
 
 def _engine_args(s) -> None:
@@ -356,6 +357,8 @@ def main(argv=None) -> None:
     s.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply (reasoning included)")
     s.add_argument("--tools", action=argparse.BooleanOptionalAction, default=True,
                    help="offer the demo calculator and sandboxed python tools and run the model's calls")
+    s.add_argument("--yes", "-y", action="store_true",
+                   help="run the model's python code without asking first (default: show it and ask y/N)")
     _sandbox_arg(s)
     s.set_defaults(fn=cmd_chat)
 

@@ -77,3 +77,35 @@ def test_terminal_chat(server_model_dir):
     assert "(thinking off)" in text and "Plain answer." in text and "(conversation cleared)" in text
     assert "commands:" in text and len(prompts) == 6
     assert not engine.has_unfinished_requests()
+
+
+def test_terminal_chat_asks_before_running_code():
+    from test_envs import FakeEngine
+    code_call = ("Run it.\n</think>\n<tool_call>\n<function=python>\n<parameter=code>\nprint(6 * 7)\n"
+                 "</parameter>\n</function>\n</tool_call>")
+
+    def chat(answers, **kw):
+        ran, out, prompts = [], io.StringIO(), []
+        lines = iter(["compute it", *answers, "/exit"])
+        replies = iter([code_call, "Done.\n</think>\nIt printed something."])
+
+        def reply(prompts, ids):
+            return next(replies)
+
+        def fake_input(prompt):
+            prompts.append(prompt)
+            return next(lines)
+
+        run_chat(FakeEngine(reply), input_fn=fake_input, out=out, color=False, tools=True,
+                 tool_executor=lambda name, args: ran.append(args["code"]) or "42\n", **kw)
+        return out.getvalue(), ran, prompts
+
+    text, ran, prompts = chat(["n"])
+    assert "The model wants to run this python code:\nprint(6 * 7)" in text and "run it? [y/N] " in prompts
+    assert ran == [] and "[tool result] error: the user declined" in text
+    text, ran, prompts = chat([""])                                     # Enter means no
+    assert ran == []
+    text, ran, prompts = chat(["y"])
+    assert ran == ["print(6 * 7)"] and "[tool result] 42" in text
+    text, ran, prompts = chat([], yes=True)
+    assert ran == ["print(6 * 7)"] and "run it? [y/N] " not in prompts and "wants to run" not in text
