@@ -67,3 +67,31 @@ def test_truncated_body_times_out(engine):
         r = httpx.post(url + "/v1/chat/completions", content=body, timeout=30,
                        headers={"Content-Type": "application/json"})
         assert r.status_code == 200
+
+
+def test_big_request_does_not_freeze_the_server(engine):
+    """A 7 MB prompt is rendered and tokenised off the event loop: /health keeps answering meanwhile (it used
+    to stall for the whole tokenisation, seconds), and the request still gets its 400."""
+    import threading
+    app = create_app(engine, served_model_name="tiny")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "The answer is 42. " * (7_000_000 // 18)}]}
+    with live_server(app) as url:
+        httpx.get(url + "/health")
+        result = {}
+        th = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/v1/chat/completions", json=body,
+                                                                        timeout=300)))
+        th.start()
+        time.sleep(0.5)                                      # the body is sent and being processed
+        latencies, t0 = [], time.monotonic()
+        with httpx.Client() as client:
+            while th.is_alive() and time.monotonic() - t0 < 10:
+                t = time.monotonic()
+                assert client.get(url + "/health", timeout=60).status_code == 200
+                latencies.append(time.monotonic() - t)
+                time.sleep(0.02)
+        # blocking, the first poll waited for the whole tokenisation (5 s on an idle 2-core machine, 25 s on a
+        # busy one); now each answers at once, give or take the scheduling noise of a loaded CI machine
+        latencies.sort()
+        assert len(latencies) >= 10 and latencies[-1] < 1.5 and latencies[len(latencies) * 9 // 10] < 0.3, latencies
+        th.join(300)
+        assert result["r"].status_code == 400 and "context" in result["r"].json()["error"]["message"]

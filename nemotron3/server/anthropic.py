@@ -286,7 +286,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages")
     async def messages(req: protocol.MessagesRequest, request: Request):
         server.check_model(req.model)
-        plan = plan_messages(server, req)
+        plan = await server.offload(plan_messages, server, req)
         server.admit(1)
         mid = f"msg_{uuid.uuid4().hex}"
         stops = plan.params.stop
@@ -302,5 +302,5 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(req: protocol.CountTokensRequest):
         server.check_model(req.model)
-        ids = plan_messages(server, req, count_only=True)
+        ids = await server.offload(plan_messages, server, req, count_only=True)
         return {"input_tokens": len(ids)}

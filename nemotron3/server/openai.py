@@ -483,7 +483,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: protocol.ChatCompletionRequest, request: Request):
         server.check_model(req.model)
-        plan = plan_chat(server, req)
+        plan = await server.offload(plan_chat, server, req)
         server.admit(plan.params.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -498,7 +498,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/completions")
     async def completions(req: protocol.CompletionRequest, request: Request):
         server.check_model(req.model)
-        plans = plan_completion(server, req)
+        plans = await server.offload(plan_completion, server, req)
         server.admit(sum(p.n for _, p in plans))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
