@@ -247,7 +247,7 @@ async def message_stream(server: Server, plan: ChatPlan, mid: str, model: str, s
                 d = st.parser.feed(c.delta_text)
                 if c.finished:
                     d += st.parser.finish()
-                for piece in st.deltas(d, c.finished):
+                for piece in st.deltas(d):
                     if "reasoning_content" in piece:
                         if open_type != "thinking":
                             start("thinking", {"type": "thinking", "thinking": "", "signature": ""})

@@ -337,7 +337,7 @@ async def chat_stream(server, plan: ChatPlan, rid: str, model: str) -> AsyncIter
                 d = st.parser.feed(c.delta_text)
                 if c.finished:
                     d += st.parser.finish()
-                deltas = st.deltas(d, c.finished)
+                deltas = st.deltas(d)
                 lp = None
                 if plan.params.logprobs is not None and len(c.token_ids) > st.n_tokens:
                     lp = {"content": chat_logprobs(server, c.token_ids[st.n_tokens:],

@@ -225,41 +225,28 @@ class Server:
 
 
 class ChatStreamState:
-    """Per-choice streaming state: the parser, whitespace held back around tool calls, call indices."""
+    """Per-choice streaming state: the parser's deltas as stream deltas, unchanged (the parser holds back the
+    whitespace next to tool calls itself, so streamed content equals the non-streamed), and call indices
+    (only the first call when not `parallel`)."""
 
     def __init__(self, parser: StreamParser, parallel: bool):
         self.parser, self.parallel = parser, parallel
         self.n_tokens = 0
         self.n_calls = 0
-        self.pending_ws = ""                 # whitespace-only content, dropped if a tool call follows
         self.done = False
 
-    def deltas(self, d: Delta, final: bool) -> list[dict]:
+    def deltas(self, d: Delta) -> list[dict]:
         out = []
         if d.reasoning:
             out.append({"reasoning_content": d.reasoning})
-        content = d.content
-        if content:
-            if self.parser.parse_tools:
-                content = self.pending_ws + content
-                self.pending_ws = ""
-                stripped = content.rstrip()
-                self.pending_ws = content[len(stripped):]
-                content = stripped
-                if self.n_calls and content:
-                    content = content.lstrip()   # whitespace right after a call is layout
-            if content:
-                out.append({"content": content})
+        if d.content:
+            out.append({"content": d.content})
         for tc in d.tool_calls:
             if self.n_calls and not self.parallel:
                 continue
-            self.pending_ws = ""
             out.append({"tool_calls": [{"index": self.n_calls, "id": tc.id, "type": "function",
                                         "function": {"name": tc.name, "arguments": tc.arguments_json}}]})
             self.n_calls += 1
-        if final and self.pending_ws and not self.n_calls:
-            out.append({"content": self.pending_ws})
-            self.pending_ws = ""
         return out
 
 
