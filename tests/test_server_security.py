@@ -1,6 +1,7 @@
 """Security findings of issue 19 on the server: everything but the chat page and /health is behind the API key
 (/metrics public only on request), and a request body that stalls gets 408 quickly instead of holding the
 connection."""
+import json
 import socket
 import time
 
@@ -95,3 +96,36 @@ def test_big_request_does_not_freeze_the_server(engine):
         assert len(latencies) >= 10 and latencies[-1] < 1.5 and latencies[len(latencies) * 9 // 10] < 0.3, latencies
         th.join(300)
         assert result["r"].status_code == 400 and "context" in result["r"].json()["error"]["message"]
+
+
+def test_openapi_documents_the_real_responses(engine):
+    """Every documented error is an OpenAI (or, on /v1/messages, Anthropic) error body; the statuses the
+    server really sends are documented on their routes; /metrics is text/plain; no phantom 422."""
+    from nemotron3.server.http import AnthropicError, OpenAIError
+    app = create_app(engine, served_model_name="tiny", api_key="k", max_body_bytes=2000)
+    key = {"Authorization": "Bearer k"}
+    with live_server(app) as url:
+        spec = httpx.get(url + "/openapi.json", headers=key).json()
+        paths = spec["paths"]
+        assert "422" not in json.dumps(spec) and "HTTPValidationError" not in spec["components"]["schemas"]
+        chat = paths["/v1/chat/completions"]["post"]["responses"]
+        assert {"200", "400", "401", "404", "408", "413", "429", "500"} <= set(chat)
+        assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
+        assert paths["/v1/messages"]["post"]["responses"]["413"]["content"]["application/json"]["schema"][
+            "$ref"].endswith("/AnthropicError")
+        assert "429" not in paths["/v1/messages/count_tokens"]["post"]["responses"]
+        assert "401" not in paths["/health"]["get"]["responses"]
+        assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+        assert httpx.get(url + "/metrics", headers=key).headers["content-type"].startswith("text/plain")
+        msg = [{"role": "user", "content": "hi"}]
+        real = [("post", "/v1/chat/completions", {}, {"model": "tiny", "messages": msg}, 401),
+                ("post", "/v1/chat/completions", key, {"model": "tiny", "messages": msg, "temperature": -1}, 400),
+                ("post", "/v1/chat/completions", key, {"model": "nope", "messages": msg}, 404),
+                ("post", "/v1/completions", key, {"model": "tiny", "prompt": "x" * 3000}, 413),
+                ("get", "/v1/models/{model_id}", key, None, 404),
+                ("post", "/v1/messages", key, {"model": "tiny", "messages": msg}, 400),
+                ("post", "/v1/messages/count_tokens", {}, {"model": "tiny", "messages": msg}, 401)]
+        for method, path, headers, body, status in real:
+            r = httpx.request(method, url + path.replace("{model_id}", "nope"), headers=headers, json=body)
+            assert r.status_code == status and str(status) in paths[path][method]["responses"], (path, r.text)
+            (AnthropicError if path.startswith("/v1/messages") else OpenAIError).model_validate(r.json())

@@ -22,11 +22,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from ..engine import LLM, AsyncLLMEngine, LLMEngine
 from . import anthropic, openai
-from .http import GuardMiddleware, JSONBodyRoute, add_error_handlers
+from .http import PUBLIC_PATHS, GuardMiddleware, JSONBodyRoute, add_error_handlers, document_responses
 from .metrics import CONTENT_TYPE
 from .serving import Server
 
@@ -77,12 +77,15 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format", "content": {CONTENT_TYPE.split(";")[0]: {}}}})
     async def metrics():
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+        return PlainTextResponse(server.metrics.render(), media_type=CONTENT_TYPE)
 
     openai.add_routes(app, server)
     anthropic.add_routes(app, server)
+    public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
+    document_responses(app, bool(server.api_key), public)
     app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes,
                        on_error=server.metrics.error, metrics_public=metrics_public, body_timeout=body_timeout)
     return app
