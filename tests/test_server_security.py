@@ -111,6 +111,7 @@ def test_openapi_documents_the_real_responses(engine):
         chat = paths["/v1/chat/completions"]["post"]["responses"]
         assert {"200", "400", "401", "404", "408", "413", "429", "500"} <= set(chat)
         assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
+        assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
         assert paths["/v1/messages"]["post"]["responses"]["413"]["content"]["application/json"]["schema"][
             "$ref"].endswith("/AnthropicError")
         assert "429" not in paths["/v1/messages/count_tokens"]["post"]["responses"]

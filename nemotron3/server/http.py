@@ -296,6 +296,8 @@ def document_responses(app: FastAPI, api_key: bool, public: frozenset[str]) -> N
         body = {"$ref": "#/components/schemas/" + (AnthropicError if is_anthropic(route.path) else OpenAIError).__name__}
         route.responses = {**{c: {"description": ERROR_TEXT[c], "content": {"application/json": {"schema": body}}}
                               for c in sorted(codes)}, **route.responses}
+        if 429 in codes:                                     # generation: `stream: true` answers with SSE
+            route.responses.setdefault(200, {"content": {"text/event-stream": {"schema": {"type": "string"}}}})
     build = app.openapi
 
     def openapi():
