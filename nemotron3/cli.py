@@ -147,11 +147,11 @@ def cmd_serve(args) -> None:
     from .engine import LLM
     from .server import create_app
     model = args.model or default_model()
-    names = args.served_model_name or [args.model or Path(model).name]
+    names = args.served_model_name or [Path(model).resolve().name]
     llm = LLM(model, **_engine_kwargs(args))
-    app = create_app(llm, served_model_name=names, api_key=args.api_key,
-                     max_pending=args.max_pending, max_body_bytes=args.max_request_bytes,
-                     responses_store_size=args.responses_store_size)
+    app = create_app(llm, served_model_name=names, api_key=args.api_key, max_pending=args.max_pending,
+                     max_body_bytes=args.max_request_bytes, metrics_public=args.metrics_public,
+                     body_timeout=args.body_timeout, responses_store_size=args.responses_store_size)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API under /v1); "
           f"decode: {llm.engine.decode_path()}; K/V cache {llm.engine.cache.kv_dtype}", flush=True)
@@ -163,7 +163,8 @@ def cmd_chat(args) -> None:
     from .engine import LLM
     llm = LLM(args.model or default_model(), **_engine_kwargs(args))
     run_chat(llm.engine, system=args.system, thinking=not args.no_thinking, thinking_budget=args.thinking_budget,
-             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, tools=args.tools)
+             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, tools=args.tools,
+             yes=args.yes)
 
 
 def _engine_args(s) -> None:
@@ -343,13 +344,17 @@ def main(argv=None) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("NEMOTRON3_API_KEY"),
-                   help="require this key on /v1/* (Bearer or x-api-key; default: $NEMOTRON3_API_KEY)")
+                   help="require this key everywhere but / and /health (Bearer or x-api-key; default: "
+                        "$NEMOTRON3_API_KEY)")
+    s.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     s.add_argument("--served-model-name", nargs="+", default=None,
-                   help="name(s) clients use as `model` (default: MODEL as given, or 'pico')")
+                   help="name(s) clients use as `model` (default: the model directory's name, e.g. 'pico')")
     s.add_argument("--max-pending", type=int, default=256, help="sequences in flight before 429")
     s.add_argument("--max-request-bytes", type=int, default=8 << 20, help="request body limit (413 above)")
     s.add_argument("--responses-store-size", type=int, default=1024,
                    help="responses kept for previous_response_id / GET /v1/responses/{id} (LRU; 0 = none)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may stall before 408 (slow or truncated uploads)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(fn=cmd_serve)
 
@@ -363,6 +368,8 @@ def main(argv=None) -> None:
     s.add_argument("--max-tokens", type=int, default=1024, help="max tokens per reply (reasoning included)")
     s.add_argument("--tools", action=argparse.BooleanOptionalAction, default=True,
                    help="offer the demo calculator and sandboxed python tools and run the model's calls")
+    s.add_argument("--yes", "-y", action="store_true",
+                   help="run the model's python code without asking first (default: show it and ask y/N)")
     _sandbox_arg(s)
     s.set_defaults(fn=cmd_chat)
 

@@ -2,7 +2,8 @@
 
 Reasoning is printed dimmed as it streams, then the answer; tool calls (if the model emits any) are shown
 as `[tool call] name {arguments}`; with tools on (`nemotron3 chat --tools`, the default there) the demo
-calculator / python tools run and `[tool result] ...` is shown before the model continues.
+calculator / python tools run and `[tool result] ...` is shown before the model continues. Code the model
+wrote is shown and run only when the user answers `y` (`yes=True`, `nemotron3 chat --yes`, skips the question).
 Commands: `/exit` (or Ctrl-D), `/reset` (forget the conversation), `/think on|off`, `/help`. Ctrl-C stops
 the reply being generated. History keeps the answers (the chat template drops the reasoning of earlier
 turns anyway).
@@ -17,18 +18,34 @@ from .chat.parsers import StreamParser
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = "commands: /exit, /reset, /think on|off, /help"
 MAX_TOOL_ROUNDS = 4
+CODE_TOOLS = {"python": "code"}          # tools that run model-written code: the argument holding it
+DECLINED = "error: the user declined to run this code"
+
+
+def confirm_code(name: str, arguments, input_fn: Callable[[str], str], out: TextIO) -> bool:
+    """Show the code of a `CODE_TOOLS` call and ask y/N; other tools need no question."""
+    if name not in CODE_TOOLS:
+        return True
+    code = arguments.get(CODE_TOOLS[name], "") if isinstance(arguments, dict) else ""
+    out.write(f"The model wants to run this {name} code:\n{code}\n")
+    out.flush()
+    try:
+        return input_fn("run it? [y/N] ").strip().lower() in ("y", "yes")
+    except (EOFError, KeyboardInterrupt):
+        return False
 
 
 def run_chat(engine, *, system: str | None = None, thinking: bool = True, thinking_budget: int | None = None,
              temperature: float = 0.6, top_p: float = 0.95, max_tokens: int = 1024,
              input_fn: Callable[[str], str] = input, out: TextIO | None = None, color: bool | None = None,
-             tools: bool = False, tool_executor: Callable[[str, dict], str] | None = None) -> None:
+             tools: bool = False, tool_executor: Callable[[str, dict], str] | None = None, yes: bool = False
+             ) -> None:
     """Chat loop over an `LLMEngine` (sync). `input_fn` / `out` make it scriptable.
 
     `tools=True` offers the demo tools (`nemotron3.train.envs.DEMO_TOOLS`: calculator, sandboxed python) to
     the model; its tool calls are executed (`tool_executor`, default `execute_demo_tool`), shown as
     `[tool call] ...` / `[tool result] ...`, and the model continues, up to `MAX_TOOL_ROUNDS` rounds per
-    user message."""
+    user message. Code calls are shown and run only if the user answers y (`yes=True`: without asking)."""
     from .engine import SamplingParams
     from .tokenizer import encode_text
     out = out or sys.stdout
@@ -139,7 +156,8 @@ def run_chat(engine, *, system: str | None = None, thinking: bool = True, thinki
                 out.write(f"(stopped: {MAX_TOOL_ROUNDS} tool rounds)\n")
                 break
             for c in calls:
-                result = tool_executor(c.name, c.arguments)
+                ok = yes or confirm_code(c.name, c.arguments, input_fn, out)
+                result = tool_executor(c.name, c.arguments) if ok else DECLINED
                 shown = result if len(result) <= 500 else result[:500] + "..."
                 out.write(f"[tool result] {shown}\n")
                 history.append({"role": "tool", "tool_call_id": c.id, "name": c.name, "content": result})

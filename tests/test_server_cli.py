@@ -21,7 +21,7 @@ def test_serve_command(server_model_dir):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nemotron3.cli", "serve", str(server_model_dir), "--port", str(port),
-                             "--served-model-name", "tiny", "--api-key", "k", "--max-model-len", "600",
+                             "--api-key", "k", "--max-model-len", "600",
                              "--max-num-seqs", "2", "--num-speculative-tokens", "1", "--log-level", "warning",
                              "--threads", "1", "--weight-dtype", "bfloat16", "--responses-store-size", "0"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -36,19 +36,21 @@ def test_serve_command(server_model_dir):
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
-        [m] = client.models.list().data
-        assert m.id == "tiny" and m.model_extra["max_model_len"] == 600
-        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        [m] = client.models.list().data                       # the default name: the directory's, not its path
+        assert m.id == server_model_dir.name and m.model_extra["max_model_len"] == 600
+        r = client.chat.completions.create(model=m.id, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                            extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 6
         assert httpx.get(url + "/v1/models").status_code == 401
-        resp = client.responses.create(model="tiny", input="hi", max_output_tokens=4)
+        resp = client.responses.create(model=m.id, input="hi", max_output_tokens=4)
         assert 1 <= resp.usage.output_tokens <= 4 and resp.object == "response"
         with pytest.raises(openai.NotFoundError):               # --responses-store-size 0: nothing is kept
             client.responses.retrieve(resp.id)
-        metrics = httpx.get(url + "/metrics").text
+        assert httpx.get(url + "/metrics").status_code == 401
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"}).text
         assert "nemotron3_spec_decode_num_draft_tokens_total" in metrics
-        assert 'nemotron3_spec_decode_num_draft_tokens_total{model_name="tiny"} 0\n' not in metrics  # MTP drafted
+        assert f'nemotron3_spec_decode_num_draft_tokens_total{{model_name="{m.id}"}} 0\n' not in metrics  # drafted
+        assert str(server_model_dir.parent) not in metrics and f'model_name="{m.id}"' in metrics
     finally:
         proc.terminate()
         proc.wait(20)
@@ -80,3 +82,35 @@ def test_terminal_chat(server_model_dir):
     assert "(thinking off)" in text and "Plain answer." in text and "(conversation cleared)" in text
     assert "commands:" in text and len(prompts) == 6
     assert not engine.has_unfinished_requests()
+
+
+def test_terminal_chat_asks_before_running_code():
+    from test_envs import FakeEngine
+    code_call = ("Run it.\n</think>\n<tool_call>\n<function=python>\n<parameter=code>\nprint(6 * 7)\n"
+                 "</parameter>\n</function>\n</tool_call>")
+
+    def chat(answers, **kw):
+        ran, out, prompts = [], io.StringIO(), []
+        lines = iter(["compute it", *answers, "/exit"])
+        replies = iter([code_call, "Done.\n</think>\nIt printed something."])
+
+        def reply(prompts, ids):
+            return next(replies)
+
+        def fake_input(prompt):
+            prompts.append(prompt)
+            return next(lines)
+
+        run_chat(FakeEngine(reply), input_fn=fake_input, out=out, color=False, tools=True,
+                 tool_executor=lambda name, args: ran.append(args["code"]) or "42\n", **kw)
+        return out.getvalue(), ran, prompts
+
+    text, ran, prompts = chat(["n"])
+    assert "The model wants to run this python code:\nprint(6 * 7)" in text and "run it? [y/N] " in prompts
+    assert ran == [] and "[tool result] error: the user declined" in text
+    text, ran, prompts = chat([""])                                     # Enter means no
+    assert ran == []
+    text, ran, prompts = chat(["y"])
+    assert ran == ["print(6 * 7)"] and "[tool result] 42" in text
+    text, ran, prompts = chat([], yes=True)
+    assert ran == ["print(6 * 7)"] and "run it? [y/N] " not in prompts and "wants to run" not in text

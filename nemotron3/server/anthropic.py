@@ -263,7 +263,7 @@ async def message_stream(server: Server, plan: ChatPlan, mid: str, model: str, s
                 d = st.parser.feed(c.delta_text)
                 if c.finished:
                     d += st.parser.finish()
-                for piece in st.deltas(d, c.finished):
+                for piece in st.deltas(d):
                     if "reasoning_content" in piece:
                         if open_type != "thinking":
                             start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
@@ -302,7 +302,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages")
     async def messages(req: protocol.MessagesRequest, request: Request):
         server.check_model(req.model)
-        plan = plan_messages(server, req)
+        plan = await server.offload(plan_messages, server, req)
         server.admit(1)
         mid = f"msg_{uuid.uuid4().hex}"
         stops = plan.params.stop
@@ -318,5 +318,5 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(req: protocol.CountTokensRequest):
         server.check_model(req.model)
-        ids = plan_messages(server, req, count_only=True)
+        ids = await server.offload(plan_messages, server, req, count_only=True)
         return {"input_tokens": len(ids)}

@@ -11,8 +11,10 @@ Prometheus metrics. Every request is its own engine request (nothing is serialis
 engine's text deltas run through `chat.parsers.StreamParser` to split reasoning, content and tool calls.
 
 Limits: request bodies over `max_body_bytes` get 413; `n` is capped by `max_n`; the sequences in flight by
-`max_pending` (429); `max_tokens` must fit the context (`max_model_len`); the API key (if set) is checked on
-/v1/* only, with constant-time compare. The chat page is served from the same origin, so no CORS headers.
+`max_pending` (429); `max_tokens` must fit the context (`max_model_len`); request bodies idle for
+`body_timeout` seconds get 408. The API key (if set) is checked, with constant-time compare, on everything but
+the chat page and /health (/metrics too unless `metrics_public`). The chat page is served from the same
+origin, so no CORS headers.
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from ..engine import LLM, AsyncLLMEngine, LLMEngine
 from . import anthropic, openai, responses
-from .http import GuardMiddleware, JSONBodyRoute, add_error_handlers
+from .http import PUBLIC_PATHS, GuardMiddleware, JSONBodyRoute, add_error_handlers, document_responses
 from .metrics import CONTENT_TYPE
 from .serving import Server
 
@@ -33,11 +35,13 @@ STATIC = Path(__file__).parent / "static"
 
 def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, api_key: str | None = None,
                max_model_len: int | None = None, *, max_pending: int = 256, max_body_bytes: int = 8 << 20,
-               max_n: int = 16, responses_store_size: int = 1024) -> FastAPI:
+               max_n: int = 16, metrics_public: bool = False, body_timeout: float = 30.0,
+               responses_store_size: int = 1024) -> FastAPI:
     """The FastAPI app. `engine_or_llm`: an `AsyncLLMEngine`, `LLMEngine` or `LLM`. `max_model_len` may
     lower (never raise) the engine's context limit; `max_pending` caps the sequences in flight (429 above
-    it); `max_body_bytes` caps request bodies (413); `max_n` caps `n`; `responses_store_size` bounds the
-    Responses API's in-memory store (least recently used evicted first; 0 stores nothing)."""
+    it); `max_body_bytes` caps request bodies (413); `max_n` caps `n`; `metrics_public` serves /metrics
+    without the API key; `body_timeout`: seconds a request body may stall (408); `responses_store_size`
+    bounds the Responses API's in-memory store (least recently used evicted first; 0 stores nothing)."""
     if isinstance(engine_or_llm, LLM):
         engine = AsyncLLMEngine.from_llm(engine_or_llm)
     elif isinstance(engine_or_llm, LLMEngine):
@@ -75,13 +79,16 @@ def create_app(engine_or_llm, served_model_name: str | list[str] | None = None, 
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format", "content": {CONTENT_TYPE.split(";")[0]: {}}}})
     async def metrics():
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+        return PlainTextResponse(server.metrics.render(), media_type=CONTENT_TYPE)
 
     openai.add_routes(app, server)
     responses.add_routes(app, server, responses_store_size)
     anthropic.add_routes(app, server)
+    public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
+    document_responses(app, bool(server.api_key), public)
     app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes,
-                       on_error=server.metrics.error)
+                       on_error=server.metrics.error, metrics_public=metrics_public, body_timeout=body_timeout)
     return app

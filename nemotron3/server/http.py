@@ -7,6 +7,8 @@ Design decisions:
   anything else is a 500 whose body says only "internal server error" (the traceback goes to the log).
 * **Bodies are JSON whatever the Content-Type says**; undecodable bodies are 400s that say why, lone UTF-16
   surrogates become U+FFFD, and the size limit (413) holds for chunked bodies too.
+* **The OpenAPI schema tells the truth** (`document_responses`): each route lists the error statuses it
+  really answers with, and their bodies; FastAPI's 422 (never sent: validation errors are 400s) is removed.
 * **Disconnects abort.** Streams are cancelled by Starlette when the client goes away; non-streaming
   requests watch for `http.disconnect` while they wait (`until_disconnect`).
 """
@@ -17,12 +19,13 @@ import hmac
 import json
 import logging
 import re
-from typing import Callable
+from typing import Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..tokenizer import scrub_surrogates
@@ -50,13 +53,21 @@ def error_response(path: str, status: int, message: str, type=None, param=None, 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class GuardMiddleware:
-    """Pure ASGI (so streaming and disconnects pass straight through): the API key on /v1/*, then the
-    request body size limit (Content-Length checked up front; chunked bodies counted while read).
-    `on_error(status)` is told of every refusal (the metrics)."""
+PUBLIC_PATHS = frozenset({"/", "/health"})
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, on_error: Callable[[int], None]):
+
+class GuardMiddleware:
+    """Pure ASGI (so streaming and disconnects pass straight through): the API key on every path but the
+    chat page and /health (and /metrics when `metrics_public`), then the request body: its size limit
+    (Content-Length checked up front, chunked bodies counted while read) and an idle timeout (a client that
+    stops sending mid-body gets 408 after `body_timeout` seconds and the connection is closed). Bodies are
+    read here and replayed to the app. `on_error(status)` is told of every refusal (the metrics)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, on_error: Callable[[int], None],
+                 metrics_public: bool = False, body_timeout: float = 30.0):
         self.app, self.api_key, self.max_body_bytes, self.on_error = app, api_key, max_body_bytes, on_error
+        self.public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -64,7 +75,7 @@ class GuardMiddleware:
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = self.api_key
-        if key and path.startswith("/v1"):
+        if key and path not in self.public:
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), key.encode()):
@@ -78,10 +89,16 @@ class GuardMiddleware:
             self.on_error(413)
             return await error_response(path, 413, f"The request body exceeds the limit of {limit} bytes.",
                                         code="request_too_large")(scope, receive, send)
-        if scope.get("method") in ("POST", "PUT", "PATCH") and length is None:
-            body, more = bytearray(), True               # chunked: read it all (bounded) before the app does
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            body, more = bytearray(), True               # read it all (bounded, timed) before the app does
             while more:
-                msg = await receive()
+                try:
+                    msg = await asyncio.wait_for(receive(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    self.on_error(408)
+                    return await error_response(path, 408, f"The request body was not received within "
+                                                f"{self.body_timeout:g} s.", code="request_timeout",
+                                                headers={"Connection": "close"})(scope, receive, send)
                 if msg["type"] == "http.disconnect":
                     return
                 body += msg.get("body", b"")
@@ -233,3 +250,69 @@ async def until_disconnect(request: Request, coro):
         if task.cancelled() and watcher.done():
             return None                      # the client is gone; nobody reads the response
         raise
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """The error body of every route but /v1/messages*."""
+    error: OpenAIErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    """The error body of /v1/messages*."""
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+ERROR_TEXT = {400: "Invalid request (the message names the field)", 401: "Invalid or missing API key",
+              404: "Unknown model (or object)", 408: "The request body stalled", 413: "The request body is too large",
+              429: "Too many sequences in flight; retry after `Retry-After` seconds",
+              500: "Internal server error"}
+
+
+def document_responses(app: FastAPI, api_key: bool, public: frozenset[str]) -> None:
+    """Give every API route the error responses it really sends (call after adding the routes): 401 where the
+    key is checked, 400/408/413 on bodies, 404 where a model or object is named, 429 where generation is
+    admitted, 500 anywhere; and drop FastAPI's undocumented-in-practice 422."""
+    for route in app.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        post = "POST" in route.methods
+        codes = {500}
+        codes |= {401} if api_key and route.path not in public else set()
+        codes |= {400, 404, 408, 413} if post else {404} if "{" in route.path else set()
+        codes |= {429} if post and not route.path.endswith("count_tokens") else set()
+        body = {"$ref": "#/components/schemas/" + (AnthropicError if is_anthropic(route.path) else OpenAIError).__name__}
+        route.responses = {**{c: {"description": ERROR_TEXT[c], "content": {"application/json": {"schema": body}}}
+                              for c in sorted(codes)}, **route.responses}
+        if 429 in codes:                                     # generation: `stream: true` answers with SSE
+            route.responses.setdefault(200, {"content": {"text/event-stream": {"schema": {"type": "string"}}}})
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = build()
+            for ops in schema["paths"].values():
+                for op in ops.values():
+                    op["responses"].pop("422", None)
+            models = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                models.pop(name, None)
+            for m in (OpenAIError, AnthropicError):
+                js = m.model_json_schema(ref_template="#/components/schemas/{model}")
+                models.update(js.pop("$defs", {}))
+                models[m.__name__] = js
+        return app.openapi_schema
+
+    app.openapi = openapi

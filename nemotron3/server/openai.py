@@ -337,7 +337,7 @@ async def chat_stream(server, plan: ChatPlan, rid: str, model: str) -> AsyncIter
                 d = st.parser.feed(c.delta_text)
                 if c.finished:
                     d += st.parser.finish()
-                deltas = st.deltas(d, c.finished)
+                deltas = st.deltas(d)
                 lp = None
                 if plan.params.logprobs is not None and len(c.token_ids) > st.n_tokens:
                     lp = {"content": chat_logprobs(server, c.token_ids[st.n_tokens:],
@@ -483,7 +483,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: protocol.ChatCompletionRequest, request: Request):
         server.check_model(req.model)
-        plan = plan_chat(server, req)
+        plan = await server.offload(plan_chat, server, req)
         server.admit(plan.params.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -498,7 +498,7 @@ def add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/completions")
     async def completions(req: protocol.CompletionRequest, request: Request):
         server.check_model(req.model)
-        plans = plan_completion(server, req)
+        plans = await server.offload(plan_completion, server, req)
         server.admit(sum(p.n for _, p in plans))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:

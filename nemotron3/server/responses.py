@@ -474,7 +474,7 @@ async def response_stream(server: Server, store: ResponseStore, plan: ChatPlan, 
                 d = st.parser.feed(c.delta_text)
                 if c.finished:
                     d += st.parser.finish()
-                for piece in st.deltas(d, c.finished):
+                for piece in st.deltas(d):
                     for e in ev.feed(piece):
                         yield e
                 if out.finished:

@@ -14,10 +14,13 @@ Design decisions (see also the README's "Serving" section):
 * **tool_choice** `required` / a named function: a line appended to the system prompt ("You must call ...")
   AND the engine forces the answer (the first tokens after `</think>`, or the first tokens when thinking is
   off) to begin `<tool_call>\\n<function=` (required) or `<tool_call>\\n<function=NAME>\\n` (named).
+* **Nothing slow on the event loop.** Planning a request (chat rendering, tokenisation: seconds for a
+  multi-MB prompt) runs in a worker thread (`offload`), so streams and /health go on meanwhile.
 * The server talks to `AsyncLLMEngine`'s public surface only (never to the sync engine behind it).
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -28,7 +31,7 @@ from typing import AsyncIterator
 
 from ..chat.parsers import CALL_OPEN, Delta, StreamParser
 from ..engine import AsyncLLMEngine, RequestError, SamplingParams
-from ..tokenizer import encode_text
+from ..tokenizer import encode_text, scrub_surrogates
 from . import protocol
 from .metrics import ServerMetrics
 from .protocol import APIError
@@ -136,7 +139,10 @@ class Server:
         return self.encode(f"{CALL_OPEN}\n<function={forced_name}>\n" if forced_name else f"{CALL_OPEN}\n<function=")
 
     def encode(self, text: str) -> list[int]:
-        return encode_text(self.tokenizer, text)
+        """Prompt ids, through `encode_batch` where the tokenizer has one: `tokenizers` releases the GIL there
+        (not in `encode`), so a worker thread tokenising a huge prompt does not stall the event loop."""
+        batch = getattr(self.tokenizer, "encode_batch", None)
+        return list(batch([scrub_surrogates(text)])[0]) if batch else encode_text(self.tokenizer, text)
 
     def token_text(self, t: int) -> str:
         return self.tokenizer.decode([t], skip_special_tokens=False)
@@ -172,6 +178,10 @@ class Server:
         except Exception as e:                  # TemplateError (raise_exception), bad kwargs, ...
             raise APIError(400, f"the chat could not be rendered with the model's chat template: {e}") from None
         return text, self.encode(text)
+
+    async def offload(self, plan, *args, **kw):
+        """`plan(*args, **kw)` (a request's rendering and tokenisation) in a worker thread, off the event loop."""
+        return await asyncio.to_thread(plan, *args, **kw)
 
     # ------------------------------------------------------------------ running requests
     async def run(self, ids: list[int], params: SamplingParams, endpoint: str) -> AsyncIterator:
@@ -215,41 +225,28 @@ class Server:
 
 
 class ChatStreamState:
-    """Per-choice streaming state: the parser, whitespace held back around tool calls, call indices."""
+    """Per-choice streaming state: the parser's deltas as stream deltas, unchanged (the parser holds back the
+    whitespace next to tool calls itself, so streamed content equals the non-streamed), and call indices
+    (only the first call when not `parallel`)."""
 
     def __init__(self, parser: StreamParser, parallel: bool):
         self.parser, self.parallel = parser, parallel
         self.n_tokens = 0
         self.n_calls = 0
-        self.pending_ws = ""                 # whitespace-only content, dropped if a tool call follows
         self.done = False
 
-    def deltas(self, d: Delta, final: bool) -> list[dict]:
+    def deltas(self, d: Delta) -> list[dict]:
         out = []
         if d.reasoning:
             out.append({"reasoning_content": d.reasoning})
-        content = d.content
-        if content:
-            if self.parser.parse_tools:
-                content = self.pending_ws + content
-                self.pending_ws = ""
-                stripped = content.rstrip()
-                self.pending_ws = content[len(stripped):]
-                content = stripped
-                if self.n_calls and content:
-                    content = content.lstrip()   # whitespace right after a call is layout
-            if content:
-                out.append({"content": content})
+        if d.content:
+            out.append({"content": d.content})
         for tc in d.tool_calls:
             if self.n_calls and not self.parallel:
                 continue
-            self.pending_ws = ""
             out.append({"tool_calls": [{"index": self.n_calls, "id": tc.id, "type": "function",
                                         "function": {"name": tc.name, "arguments": tc.arguments_json}}]})
             self.n_calls += 1
-        if final and self.pending_ws and not self.n_calls:
-            out.append({"content": self.pending_ws})
-            self.pending_ws = ""
         return out
 
 
