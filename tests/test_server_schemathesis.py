@@ -1,16 +1,18 @@
 """Schemathesis fuzzes the server from its own /openapi.json: no 500s, and every status, content type and
 body it answers with is the one documented. (Schema-valid data may still be a 400: the server's semantic checks,
-e.g. the context length or an unknown role, go beyond what a JSON schema says.) Slow (deselected by default); the fast check of the same schema
-is test_server_security.py::test_openapi_documents_the_real_responses."""
+e.g. the context length or an unknown role, go beyond what a JSON schema says.) Slow (deselected by default;
+needs `pip install schemathesis`); the fast check of the same schema is
+test_server_security.py::test_openapi_documents_the_real_responses."""
 import pytest
-from hypothesis import HealthCheck, given, settings
 
-from engine_utils import one_thread  # noqa: F401
-from test_server_errors import make_engine
-from nemotron3.server import create_app
-
-schemathesis = pytest.importorskip("schemathesis")
+schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402  (schemathesis brings hypothesis)
 from schemathesis import checks  # noqa: E402
+
+from engine_utils import one_thread  # noqa: E402,F401
+from nemotron3.server import create_app  # noqa: E402
+from test_server_errors import make_engine  # noqa: E402
+
 pytestmark = pytest.mark.slow
 KEY = {"Authorization": "Bearer k"}
 
