@@ -138,11 +138,11 @@ def test_tool_choice_forces_the_call(client):
                                        tool_choice="required", logprobs=True,
                                        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert _raw(r.choices[0]).startswith("<tool_call>\n<function=")
-    # none: tools are left out of the prompt, and call syntax stays text
+    # none: tools are left out of the prompt, and the <tool_call> token is banned (the script's call cannot start)
     with_tools = client.chat.completions.create(model="tiny", messages=user("SCRIPT_WEATHER"), tools=TOOLS)
     none = client.chat.completions.create(model="tiny", messages=user("SCRIPT_WEATHER"), tools=TOOLS,
                                           tool_choice="none")
-    assert not none.choices[0].message.tool_calls and "<tool_call>" in none.choices[0].message.content
+    assert not none.choices[0].message.tool_calls and "tool_call>" not in none.choices[0].message.content
     assert none.choices[0].finish_reason == "stop" and none.usage.prompt_tokens < with_tools.usage.prompt_tokens
 
 

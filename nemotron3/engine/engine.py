@@ -377,6 +377,8 @@ class LLMEngine:
                 forced, banned = prefix[j], ()
             elif j is not None and seq.grammar is not None:    # the grammar: over the answer's tokens only
                 allowed = seq.grammar.allowed(extra[len(extra) - min(j, len(extra)):])
+            elif j is None and seq.grammar is not None and seq.grammar.trigger is None:
+                banned = tuple(banned) + tuple(seq.stop_ids)   # thinking: a constrained answer must follow
         pen = None
         if seq.params.adjusts_logits:
             if seq.prompt_tokens is None and seq.params.repetition_penalty != 1:

@@ -11,7 +11,8 @@ grammar allows, so the output parses whatever the model's weights. Design decisi
   It is imported only when a request carries a grammar.
 * **One matcher per sequence** (`GrammarState`), advanced by every accepted answer token. The mask applies
   to the answer only: while the model thinks (inside `<think>`) it is unconstrained, and the grammar starts
-  at the token after `</think>`. The end-of-sequence tokens are allowed exactly when the grammar accepts.
+  at the token after `</think>` (the stop tokens are banned while it thinks: a constrained answer must
+  follow). The end-of-sequence tokens are allowed exactly when the grammar accepts.
 * **Speculation**: the mask for a position after draft tokens is computed by consuming the drafts, then
   rolling them back; a draft the grammar rejects gets probability 0 in the target, so it is never accepted.
 * **Triggered grammars** (`trigger`: a token id): the output is free until the model emits the trigger

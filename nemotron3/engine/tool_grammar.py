@@ -17,7 +17,8 @@
   (an `enum` as its literal alternatives, `maxLength`/`minLength` as counts), everything else as JSON
   embedded with llguidance's `%json` (integers, numbers, booleans, null, objects and arrays by their schema).
   A loose tool takes any parameter names and raw values.
-* A raw value may not contain `</` or `<p` (so the parser's tag search cannot end it early); the value
+* A raw value may not contain `</` or `<p` (so the parser's tag search cannot end it early), one with a
+  length bound no `<` at all; the value
   and its closing `\\n</parameter>\\n` are one lexeme, so where the value ends is never ambiguous.
 * `<tool_call>` / `</tool_call>` are special tokens, written `<[id]>`. With `triggered=True` the grammar is
   the text after `<tool_call>` (grammar.py's trigger: free text, then a constrained call once the model
@@ -58,8 +59,9 @@ def _raw_value(schema: dict) -> str:
             raise ToolGrammarError("a string enum must list strings without '</' or '<p'")
         return "(" + " | ".join(_lit(o + _CLOSE_TEXT) for o in opts) + ")"
     lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-    count = "*" if not lo and hi is None else "{%d,%s}" % (lo, "" if hi is None else hi)
-    return _regex(_RAW + count + _CLOSE)
+    if not lo and hi is None:
+        return _regex(_RAW + "*" + _CLOSE)
+    return _regex("[^<]{%d,%s}" % (lo, "" if hi is None else hi) + _CLOSE)     # counted: one character each
 
 
 def _value(schema) -> str:
