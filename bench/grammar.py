@@ -77,21 +77,14 @@ def walk(new, compute, consume, ids, repeats):
 
 def bench_llguidance(backend, V, ids, repeats):
     import llguidance as L
-    import torch
-    from nemotron3.engine.grammar import JSON_OPTIONS, unpack
+    from nemotron3.engine.grammar import JSON_OPTIONS, mask_of
     t0 = time.perf_counter()
     tok = L.LLTokenizer(backend.to_str(), n_vocab=V, eos_token=[2])
     t1 = time.perf_counter()
     g = L.LLMatcher.grammar_from_json_schema(SCHEMA, overrides=JSON_OPTIONS)
     L.LLMatcher(tok, g)
     compile_s = time.perf_counter() - t1
-    words = torch.zeros((V + 31) // 32, dtype=torch.int32)
-
-    def compute(m):
-        m.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-        unpack(words, V)                   # the engine's bool mask, included
-
-    return t1 - t0, compile_s, walk(lambda: L.LLMatcher(tok, g), compute, lambda m, t: m.consume_token(t), ids,
+    return t1 - t0, compile_s, walk(lambda: L.LLMatcher(tok, g), mask_of, lambda m, t: m.consume_token(t), ids,
                                     repeats)
 
 

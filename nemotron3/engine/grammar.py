@@ -125,10 +125,10 @@ class Grammars:
         return GrammarState(self, self.compile(spec), spec.trigger)
 
 
-def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 bitmask [W] (bit j of word i = token 32 i + j) -> bool [vocab_size]."""
-    bits = (bitmask[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
-    return bits.flatten()[:vocab_size].bool()
+def mask_of(matcher) -> torch.Tensor:
+    """The matcher's next-token mask as bool [vocab]. llguidance's one-byte-per-token form: 9x cheaper on the CPU
+    than its bitmask unpacked in torch (8.7 vs 78 us at 8K tokens; bench/RESULTS.md)."""
+    return torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8).bool()
 
 
 class GrammarState:
@@ -142,7 +142,6 @@ class GrammarState:
         self.matcher = L.LLMatcher(grammars.tokenizer, grammar)
         self.active = trigger is None          # a triggered grammar waits for its token
         self.failed = False                    # a token the grammar refused was forced in (never sampled)
-        self._words = torch.zeros((grammars.vocab_size + 31) // 32, dtype=torch.int32)
 
     def advance(self, token: int) -> None:
         if self.failed:
@@ -173,11 +172,7 @@ class GrammarState:
             n += m is self.matcher
             if self.trigger is not None and m.is_stopped():
                 active = False
-        mask = self._mask(m) if active else None
+        mask = mask_of(m) if active else None
         if n:
             self.matcher.rollback(n)
         return mask
-
-    def _mask(self, m) -> torch.Tensor:
-        m.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
-        return unpack(self._words, self.g.vocab_size)

@@ -214,13 +214,12 @@ def constrain(logits: torch.Tensor, rows: Sequence[RowConstraint | None]) -> tor
             logits[i] = -math.inf
             logits[i, r.forced] = keep if math.isfinite(keep) else 0.0
             continue
+        banned = list(r.banned)
+        # min_tokens against a grammar that allows only the end: the grammar wins
+        if banned and (r.allowed is None or int(r.allowed.sum()) > int(r.allowed[banned].sum())):
+            logits[i, banned] = -math.inf
         if r.allowed is not None:
             logits[i].masked_fill_(~r.allowed, -math.inf)
-        if r.banned:
-            row = logits[i].clone() if r.allowed is not None else None
-            logits[i, list(r.banned)] = -math.inf
-            if row is not None and not bool(torch.isfinite(logits[i]).any()):
-                logits[i] = row               # min_tokens against a finished grammar: the grammar wins
     return logits
 
 
