@@ -23,6 +23,7 @@ grammar allows, so the output parses whatever the model's weights. Design decisi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ class Grammars:
     def __init__(self, backend_tokenizer, vocab_size: int, eos_ids: Sequence[int], max_cached: int = 256):
         self._backend, self.vocab_size, self.eos_ids = backend_tokenizer, vocab_size, sorted(eos_ids)
         self._tok = None
-        self._cache: OrderedDict[StructuredOutputs, str] = OrderedDict()
+        self._cache: OrderedDict[str, str] = OrderedDict()     # the spec as JSON -> its checked grammar
         self.max_cached = max_cached
 
     @property
@@ -99,11 +100,8 @@ class Grammars:
     def compile(self, spec: StructuredOutputs) -> str:
         """The checked grammar of `spec`; ValueError with llguidance's message when it is invalid or uses
         an unsupported feature."""
-        key = spec
-        try:
-            hit = self._cache.get(key)
-        except TypeError:                      # an unhashable schema dict: compile every time
-            key, hit = None, None
+        key = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+        hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
@@ -115,10 +113,9 @@ class Grammars:
         err = L.LLMatcher.validate_grammar(g, self.tokenizer)
         if err:
             raise ValueError(f"invalid structured output: {err}")
-        if key is not None:
-            self._cache[key] = g
-            if len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
+        self._cache[key] = g
+        if len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
         return g
 
     def state(self, spec: StructuredOutputs) -> "GrammarState":

@@ -65,7 +65,7 @@ def _raw_value(schema: dict) -> str:
 
 
 def _value(schema) -> str:
-    if not isinstance(schema, dict) or schema is True:
+    if not isinstance(schema, dict):
         return _regex(_RAW + "*" + _CLOSE)
     typ, nullable = schema_type(schema)
     if typ in _JSON_TYPES and ("type" in schema or "anyOf" in schema or "oneOf" in schema):
