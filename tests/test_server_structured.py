@@ -130,11 +130,13 @@ def _valid_call(name, args):
 
 
 def test_named_tool_choice_openai(client):
-    """Named tool_choice with thinking on: always that tool, always schema-valid arguments (12 calls)."""
+    """Named tool_choice with thinking on: always that tool, always schema-valid arguments (12 calls), even when
+    the logits push <tool_call> (id 8) hard while the model thinks, where no grammar applies yet."""
     for seed in range(12):
         r = client.chat.completions.create(model="tiny", messages=user("Weather in Paris?"), tools=TOOLS,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                           max_tokens=300, seed=seed, temperature=1.0)
+                                           max_tokens=300, seed=seed, temperature=1.0,
+                                           logit_bias={"8": 50} if seed % 2 else None)
         c = r.choices[0]
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, c.message
         fn = c.message.tool_calls[0].function

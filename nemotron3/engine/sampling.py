@@ -215,7 +215,8 @@ def constrain(logits: torch.Tensor, rows: Sequence[RowConstraint | None]) -> tor
             logits[i, r.forced] = keep if math.isfinite(keep) else 0.0
             continue
         banned = list(r.banned)
-        # min_tokens against a grammar that allows only the end: the grammar wins
+        # banned tokens against a grammar that allows nothing else (min_tokens at the end of a grammar, a banned
+        # token the grammar requires there): the grammar wins
         if banned and (r.allowed is None or int(r.allowed.sum()) > int(r.allowed[banned].sum())):
             logits[i, banned] = -math.inf
         if r.allowed is not None:

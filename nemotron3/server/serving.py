@@ -173,9 +173,11 @@ class Server:
             return {"banned_token_ids": [open_, close]}
         try:
             if forced or required:
+                # the call tokens are also banned, which matters while the model thinks (the grammar starts after
+                # </think>): in the answer the grammar makes each the only choice where it comes, and wins
                 g = call_grammar(tools, open_, close, names=[forced] if forced else None, parallel=parallel and
                                  not forced)
-                return {"structured_outputs": StructuredOutputs(grammar=g)}
+                return {"structured_outputs": StructuredOutputs(grammar=g), "banned_token_ids": [open_, close]}
             g = call_grammar(tools, open_, close, strict=False, triggered=True)
         except ToolGrammarError as e:
             raise APIError(400, f"tools: {e}", param="tools") from None
