@@ -146,9 +146,11 @@ def test_triggered_call_names_a_declared_tool(model, tok):
     llm = LLM(model, tokenizer=tok)
     open_, close = tok.token_to_id("<tool_call>"), tok.token_to_id("</tool_call>")
     so = StructuredOutputs(grammar=call_grammar(TOOLS, open_, close, strict=False, triggered=True), trigger=open_)
-    outs = llm.generate(["x"] * 3, [SamplingParams(max_tokens=120, seed=i, temperature=1.0, reasoning_mode="off",
-                                                   logit_bias={open_: 30.0}, structured_outputs=so)
-                                    for i in range(3)])
+    thinking = tok.encode("<|im_start|>assistant\n<think>\n")          # calls inside reasoning count too
+    outs = llm.generate(["x", "y", thinking], [SamplingParams(max_tokens=120, seed=i, temperature=1.0,
+                                                              logit_bias={open_: 30.0}, structured_outputs=so,
+                                                              reasoning_mode="regular" if i == 2 else "off")
+                                               for i in range(3)])
     for o in outs:
         text = tok.decode(o.outputs[0].token_ids, skip_special_tokens=False)
         assert "<tool_call>" in text

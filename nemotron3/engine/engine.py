@@ -375,9 +375,11 @@ class LLMEngine:
             j = self._answer_pos(seq, extra)
             if j is not None and prefix and j < len(prefix):   # the answer's forced opening
                 forced, banned = prefix[j], ()
+            elif seq.grammar is not None and seq.grammar.trigger is not None:   # calls: thinking included
+                allowed = seq.grammar.allowed(extra)
             elif j is not None and seq.grammar is not None:    # the grammar: over the answer's tokens only
                 allowed = seq.grammar.allowed(extra[len(extra) - min(j, len(extra)):])
-            elif j is None and seq.grammar is not None and seq.grammar.trigger is None:
+            elif j is None and seq.grammar is not None:
                 banned = tuple(banned) + tuple(seq.stop_ids)   # thinking: a constrained answer must follow
         pen = None
         if seq.params.adjusts_logits:
@@ -411,7 +413,8 @@ class LLMEngine:
         if seq.answer_start is None and self.reasoning_tokens is not None and \
                 token == self.reasoning_tokens.think_end:
             seq.answer_start = len(seq.output_ids)
-        elif seq.grammar is not None and seq.answer_start is not None and token not in seq.stop_ids:
+        elif seq.grammar is not None and (seq.answer_start is not None or seq.grammar.trigger is not None) \
+                and token not in seq.stop_ids:
             seq.grammar.advance(token)
         if seq.budget is not None:
             before = seq.budget.count

@@ -16,8 +16,9 @@ grammar allows, so the output parses whatever the model's weights. Design decisi
 * **Speculation**: the mask for a position after draft tokens is computed by consuming the drafts, then
   rolling them back; a draft the grammar rejects gets probability 0 in the target, so it is never accepted.
 * **Triggered grammars** (`trigger`: a token id): the output is free until the model emits the trigger
-  token, then follows the grammar until it completes, then is free again (tool calls under tool_choice
-  auto: once `<tool_call>` starts the call must name a declared tool).
+  token, then follows the grammar until it completes, then is free again, thinking included (tool calls
+  under tool_choice auto: once `<tool_call>` starts the call must name a declared tool, and the parser takes
+  a call inside reasoning as a call).
 * `max_tokens` can cut an answer short: as in vLLM the finish_reason is `length` and the text may be
   incomplete; everything that finishes with `stop` is complete.
 """
