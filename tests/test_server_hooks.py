@@ -1,4 +1,5 @@
-"""The engine hook the server's tool_choice uses: `SamplingParams.answer_prefix_ids` forces the first tokens
+"""The engine hook the server's tool_choice falls back on (a tokenizer without call tokens; otherwise a grammar
+forces the calls): `SamplingParams.answer_prefix_ids` forces the first tokens
 of the answer (right after `</think>`, or at the start when the prompt closed the think block), also under
 MTP speculative decoding and with a thinking budget."""
 import pytest

@@ -85,7 +85,7 @@ def _schemas(tools: list | None) -> dict[str, dict]:
     return out
 
 
-def _schema_type(schema) -> tuple[str, bool]:
+def schema_type(schema) -> tuple[str, bool]:
     """(lower-case type name, whether null is allowed): `type` (a list names its first non-null type),
     else the first non-null `anyOf` / `oneOf` option, else "string"."""
     if not isinstance(schema, dict):
@@ -115,7 +115,7 @@ def convert_value(value: str, schema) -> object:
     Python literal, which is how the template spells them) are typed; anything that fails stays text."""
     if schema is None:
         return value
-    typ, nullable = _schema_type(schema)
+    typ, nullable = schema_type(schema)
     low = value.lower()
     if low in ("null", "none") and (nullable or typ not in _STRING_TYPES):
         return None

@@ -11,8 +11,9 @@ from .llm import LLM, load_model
 from .outputs import CompletionOutput, EngineSnapshot, EngineStats, RequestMetrics, RequestOutput
 from .prefix_cache import PrefixCache
 from .reasoning import MEDIUM_THINKING_BUDGET, ReasoningTokens, ThinkingBudget
+from .grammar import StructuredOutputs
 from .sampling import Logprob, SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "RequestError", "load_model", "EngineStats", "EngineSnapshot",
+__all__ = ["LLM", "LLMEngine", "StructuredOutputs", "AsyncLLMEngine", "RequestError", "load_model", "EngineStats", "EngineSnapshot",
            "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics", "Logprob", "PrefixCache",
            "ReasoningTokens", "ThinkingBudget", "MEDIUM_THINKING_BUDGET"]

@@ -37,6 +37,7 @@ from ..tokenizer import encode_text
 from . import speculative
 from .decode_plan import DecodePlan, matmul as decode_matmul, native_library, supported as decode_supported
 from .detokenizer import Detokenizer
+from .grammar import Grammars
 from .outputs import CompletionOutput, EngineSnapshot, EngineStats, RequestMetrics, RequestOutput
 from .prefix_cache import PrefixCache
 from .reasoning import MEDIUM_THINKING_BUDGET, ReasoningTokens, ThinkingBudget, effective_budget
@@ -163,6 +164,7 @@ class LLMEngine:
         self.fast_decode = fast_decode and self.cache.kv_dtype == self.cache.dtype
         self._plan: DecodePlan | None = None
         self._plan_full_check = True
+        self.grammars = None if tokenizer is None else Grammars(self._detok_backend, cfg.vocab_size, self.eos_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """`model.logits`, faster for a few rows on CPU: the C kernel's matmul reads lm_head where and as it is
@@ -230,10 +232,17 @@ class LLMEngine:
                                "context_length_exceeded")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer (use stop token ids instead)", "stop")
-        for name in ("stop_token_ids", "answer_prefix_ids", "logit_bias"):
+        for name in ("stop_token_ids", "answer_prefix_ids", "logit_bias", "banned_token_ids"):
             bad = [t for t in getattr(params, name) or () if t >= V]
             if bad:
                 raise RequestError(f"{name}: token id out of range [0, {V}): {bad[0]}", name)
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise RequestError("structured outputs need a tokenizer", "structured_outputs")
+            try:
+                self.grammars.compile(params.structured_outputs)
+            except ValueError as e:
+                raise RequestError(str(e), "structured_outputs") from None
         return max_tokens
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -257,6 +266,8 @@ class LLMEngine:
                            budget=tb, arrival_time=now)
             seq.answer_start = None if tb is not None and tb.inside else 0
             seq.logprobs = [] if params.logprobs is not None else None
+            if params.structured_outputs is not None:
+                seq.grammar = self.grammars.state(params.structured_outputs)
             if self.tokenizer is not None:
                 seq.detok = Detokenizer(self._detok_backend, ids, params.skip_special_tokens, params.stop,
                                         params.include_stop_str_in_output)
@@ -357,19 +368,27 @@ class LLMEngine:
                 forced, banned = c.forced, c.banned
         if len(seq.output_ids) + len(extra) < seq.params.min_tokens:
             banned = tuple(banned) + tuple(seq.stop_ids)
-        prefix = seq.params.answer_prefix_ids
-        if prefix and forced is None:          # the server's tool_choice: force the answer to open a call
+        if seq.params.banned_token_ids:
+            banned = tuple(banned) + tuple(seq.params.banned_token_ids)
+        prefix, allowed = seq.params.answer_prefix_ids, None
+        if (prefix or seq.grammar is not None) and forced is None:
             j = self._answer_pos(seq, extra)
-            if j is not None and j < len(prefix):
+            if j is not None and prefix and j < len(prefix):   # the answer's forced opening
                 forced, banned = prefix[j], ()
+            elif seq.grammar is not None and seq.grammar.trigger is not None:   # calls: thinking included
+                allowed = seq.grammar.allowed(extra)
+            elif j is not None and seq.grammar is not None:    # the grammar: over the answer's tokens only
+                allowed = seq.grammar.allowed(extra[len(extra) - min(j, len(extra)):])
+            elif j is None and seq.grammar is not None:
+                banned = tuple(banned) + tuple(seq.stop_ids)   # thinking: a constrained answer must follow
         pen = None
         if seq.params.adjusts_logits:
             if seq.prompt_tokens is None and seq.params.repetition_penalty != 1:
                 seq.prompt_tokens = torch.tensor(seq.prompt_ids, dtype=torch.long).unique()
             pen = Penalties(seq.params, seq.prompt_tokens, seq.output_ids + list(extra) if extra else seq.output_ids)
-        if forced is None and not banned and pen is None:
+        if forced is None and not banned and pen is None and allowed is None:
             return None
-        return RowConstraint(forced, banned, pen)
+        return RowConstraint(forced, banned, pen, allowed)
 
     def _answer_pos(self, seq: Sequence, extra: Seq[int] = ()) -> int | None:
         """Position within the answer of the token after `output_ids + extra` (None: still thinking)."""
@@ -394,6 +413,9 @@ class LLMEngine:
         if seq.answer_start is None and self.reasoning_tokens is not None and \
                 token == self.reasoning_tokens.think_end:
             seq.answer_start = len(seq.output_ids)
+        elif seq.grammar is not None and (seq.answer_start is not None or seq.grammar.trigger is not None) \
+                and token not in seq.stop_ids:
+            seq.grammar.advance(token)
         if seq.budget is not None:
             before = seq.budget.count
             seq.budget.advance(token)

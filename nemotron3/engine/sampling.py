@@ -10,7 +10,7 @@ Design decisions:
   fixed amount of randomness per token (unlike Gumbel or exponential races, which draw a vocabulary's
   worth) and a tiny change in `p` only changes the token when `u` falls within that change of a CDF step.
 * Processing order (vLLM's): `logit_bias`, penalties (repetition over prompt + output, then frequency and
-  presence over the output), forced/banned tokens (reasoning budget, `min_tokens`), temperature, top-k,
+  presence over the output), forced/banned tokens (reasoning budget, `min_tokens`), the grammar's mask (grammar.py), temperature, top-k,
   top-p, min-p, softmax. Temperature 0 is greedy (argmax of the processed logits). Penalties see the
   output as it would be at that position, drafts included, so speculative decoding stays exact.
 * **Logprobs are the raw model's** (`log_softmax` of the unprocessed logits, vLLM's default
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .grammar import StructuredOutputs
 
 _EPS = 1e-5          # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 
@@ -51,6 +53,8 @@ class SamplingParams:
     reasoning_mode: str = "regular"     # 'off' | 'regular' | 'medium' (see reasoning.py)
     thinking_budget: int | None = None  # max tokens inside <think> before </think> is forced
     answer_prefix_ids: Sequence[int] | None = None  # forced at the start of the answer (see engine._constraint)
+    structured_outputs: StructuredOutputs | None = None   # the answer follows this grammar (grammar.py)
+    banned_token_ids: Sequence[int] | None = None   # never generated (the server bans <tool_call> without tools)
 
     def __post_init__(self):
         def bad(name, why):
@@ -106,15 +110,18 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be a bool")
-        for name in ("stop_token_ids", "answer_prefix_ids"):
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            bad("structured_outputs", "must be a StructuredOutputs or None")
+        for name in ("stop_token_ids", "answer_prefix_ids", "banned_token_ids"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (list, tuple, set, frozenset)):
                 bad(name, "must be a list of token ids or None")
         if self.stop is not None and not isinstance(self.stop, (str, int, list, tuple, set, frozenset)):
             bad("stop", "must be a string, a token id, or a list of them")
-        if self.answer_prefix_ids is not None:
-            self.answer_prefix_ids = list(self.answer_prefix_ids)
-            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.answer_prefix_ids):
-                bad("answer_prefix_ids", "must be a list of token ids >= 0")
+        for name in ("answer_prefix_ids", "banned_token_ids"):
+            if getattr(self, name) is not None:
+                setattr(self, name, list(getattr(self, name)))
+                if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in getattr(self, name)):
+                    bad(name, "must be a list of token ids >= 0")
         # split `stop` into strings and token ids
         stop = self.stop
         stop = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
@@ -183,16 +190,18 @@ class Penalties:
 @dataclass
 class RowConstraint:
     """Per-row logit processing before temperature: bias and penalties, then one forced token or banned
-    tokens."""
+    tokens, then the grammar's mask (`allowed`, bool [V]: everything else gets -inf)."""
     forced: int | None = None
     banned: tuple[int, ...] = ()
     penalties: Penalties | None = None
+    allowed: torch.Tensor | None = None
 
 
 def constrain(logits: torch.Tensor, rows: Sequence[RowConstraint | None]) -> torch.Tensor:
     """Apply each row's bias/penalties and forced/banned tokens to logits [N, V] (a copy is made only if
     some row is constrained)."""
-    if not any(r is not None and (r.forced is not None or r.banned or r.penalties is not None) for r in rows):
+    if not any(r is not None and (r.forced is not None or r.banned or r.penalties is not None
+                                  or r.allowed is not None) for r in rows):
         return logits
     logits = logits.clone()
     for i, r in enumerate(rows):
@@ -204,8 +213,14 @@ def constrain(logits: torch.Tensor, rows: Sequence[RowConstraint | None]) -> tor
             keep = logits[i, r.forced].clone()
             logits[i] = -math.inf
             logits[i, r.forced] = keep if math.isfinite(keep) else 0.0
-        elif r.banned:
-            logits[i, list(r.banned)] = -math.inf
+            continue
+        banned = list(r.banned)
+        # banned tokens against a grammar that allows nothing else (min_tokens at the end of a grammar, a banned
+        # token the grammar requires there): the grammar wins
+        if banned and (r.allowed is None or int(r.allowed.sum()) > int(r.allowed[banned].sum())):
+            logits[i, banned] = -math.inf
+        if r.allowed is not None:
+            logits[i].masked_fill_(~r.allowed, -math.inf)
     return logits
 
 

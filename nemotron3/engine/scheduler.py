@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .detokenizer import Detokenizer
+from .grammar import GrammarState
 from .reasoning import ThinkingBudget
 from .sampling import Logprob, SamplingParams
 
@@ -68,6 +69,7 @@ class Sequence:
                                                  # None while the output is still inside the prompt's <think>
     detok: Detokenizer | None = None              # the output's text (None without a tokenizer)
     sent_ids: int = 0                            # output ids already streamed
+    grammar: GrammarState | None = None          # structured outputs: the answer's matcher (grammar.py)
 
     @property
     def seq_id(self) -> tuple[str, int]:

@@ -16,7 +16,9 @@ Mapping (design decisions):
   blocks and the `?beta=true` query are accepted and have no effect here.
 * `tool_choice` `any` / `tool` steer like OpenAI's `required` / named function (see serving.py); `none` leaves
   the tools out; `disable_parallel_tool_use` keeps the first call. Only custom tools (name, description,
-  input_schema) exist here; server tools (`web_search_...`) are refused.
+  input_schema, `strict`) exist here; server tools (`web_search_...`) are refused.
+* `output_format` `{type: json_schema, schema}` (structured outputs): the text answer follows the schema
+  (grammar-constrained decoding, serving.py).
 * `usage.input_tokens` counts the prompt tokens that were computed; `cache_read_input_tokens` those restored
   from the prefix cache (Anthropic's accounting: the two add up to the prompt). For that reason a stream's
   `message_start` is sent with the first engine output, when the cached count is known, followed by a
@@ -39,7 +41,7 @@ from . import protocol
 from .http import SSE_HEADERS, until_disconnect
 from .openai import thinking_settings
 from .protocol import APIError
-from .serving import ChatPlan, ChatStreamState, Server, with_system_note
+from .serving import ChatPlan, ChatStreamState, Server, answer_mode, with_system_note
 
 log = logging.getLogger("nemotron3.server")
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}     # onto reasoning_effort's scale
@@ -144,6 +146,8 @@ def convert_tools(server: Server, req) -> tuple[list[dict] | None, str | None, s
                   {"type": "object", "properties": {}}}
             if t.description:
                 fn["description"] = t.description
+            if t.strict is not None:
+                fn["strict"] = t.strict
             tools.append({"type": "function", "function": fn})
         server.check_tools(tools, "tools")
     choice = req.tool_choice
@@ -184,15 +188,19 @@ def plan_messages(server: Server, req, *, count_only=False):
     text, ids = server.render(messages, tools if parse_tools else None, kwargs)
     if count_only:
         return ids
+    parallel = not (req.tool_choice and req.tool_choice.disable_parallel_tool_use)
+    fmt = req.output_format.model_dump(by_alias=True, exclude_none=True) if req.output_format else None
+    fields = server.constraints(tools, forced, bool(note) and not forced, parse_tools, parallel,
+                                server.structured(fmt, "output_format"))
     params = server.params(
         n=1, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, max_tokens=req.max_tokens,
         stop=server.check_stop(req.stop_sequences, "stop_sequences"), skip_special_tokens=False,
-        reasoning_mode=mode, thinking_budget=budget,
-        answer_prefix_ids=server.tool_call_prefix(forced) if note else None)
-    return ChatPlan(ids, server.check_request(ids, params), thinking=text.rfind("<think>") > text.rfind("</think>"),
+        reasoning_mode=answer_mode(mode, budget, fields), thinking_budget=budget, **fields)
+    names = {"structured_outputs": "output_format" if req.output_format else "tools"}
+    return ChatPlan(ids, server.check_request(ids, params, names), thinking=text.rfind("<think>") > text.rfind("</think>"),
                     tools=tools, parse_tools=parse_tools,
-                    parallel=not (req.tool_choice and req.tool_choice.disable_parallel_tool_use))
+                    parallel=parallel)
 
 
 def _stop(c, has_calls: bool, stops: list[str]) -> tuple[str, str | None]:

@@ -10,7 +10,8 @@ Design decisions (the shared request -> engine core is serving.py):
 * **tool_choice.** `auto`: tools in the prompt, calls parsed. `none`: tools left out of the prompt and
   `<tool_call>` text left as content. `required` / a named function: see serving.py.
   `parallel_tool_calls=false` keeps the first call.
-* **What is not implemented is refused** (`check_unsupported`: structured outputs, `suffix`, `best_of` != n,
+* **response_format** json_schema / json_object: grammar-constrained decoding (serving.py, engine/grammar.py).
+* **What is not implemented is refused** (`check_unsupported`: `suffix`, `best_of` != n,
   prompt logprobs), never silently ignored. `n` is capped by `max_n`.
 * Streams end with `data: [DONE]`; an error after the stream started becomes an error event.
 """
@@ -32,7 +33,7 @@ from ..chat.parsers import StreamParser, ToolCall, parse_output
 from . import protocol
 from .http import SSE_HEADERS, sse, until_disconnect
 from .protocol import APIError
-from .serving import ChatPlan, ChatStreamState, Server, with_system_note
+from .serving import ChatPlan, ChatStreamState, Server, answer_mode, with_system_note
 
 log = logging.getLogger("nemotron3.server")
 
@@ -54,10 +55,6 @@ def _sampling_fields(server: Server, req, stop: list[str]) -> dict:
 
 def check_unsupported(req) -> None:
     """Refuse (400) what a chat or completion request may carry but this server does not implement."""
-    fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt.type != "text":
-        raise APIError(400, f"response_format {fmt.type!r} is not supported by this server "
-                            "(structured outputs are not implemented)", param="response_format")
     if getattr(req, "suffix", None):
         raise APIError(400, "suffix is not supported by this server", param="suffix")
     best_of = getattr(req, "best_of", None)
@@ -218,6 +215,10 @@ def thinking_settings(server, effort: str | None, kwargs: dict, budget: int | No
     return mode, budget
 
 
+def _format(req) -> dict | None:
+    return req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
+
+
 def plan_chat(server, req: protocol.ChatCompletionRequest) -> ChatPlan:
     server.check_n(req.n)
     check_unsupported(req)
@@ -256,12 +257,13 @@ def plan_chat(server, req: protocol.ChatCompletionRequest) -> ChatPlan:
                                      "chat_template_kwargs")
     text, ids = server.render(messages, template_tools, kwargs)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    fields = server.constraints(tools, forced_name, choice == "required", parse_tools, req.parallel_tool_calls,
+                                server.structured(_format(req), "response_format"))
     params = server.params(
         **_sampling_fields(server, req, server.check_stop(req.stop)), max_tokens=max_tokens,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None, skip_special_tokens=False,
-        reasoning_mode=mode, thinking_budget=budget,
-        answer_prefix_ids=server.tool_call_prefix(forced_name) if note else None)
-    names = {"prompt": "messages"}
+        reasoning_mode=answer_mode(mode, budget, fields), thinking_budget=budget, **fields)
+    names = {"prompt": "messages", "structured_outputs": "response_format" if req.response_format else "tools"}
     if req.max_completion_tokens is not None:
         names["max_tokens"] = "max_completion_tokens"
     params = server.check_request(ids, params, names)
@@ -384,11 +386,12 @@ def plan_completion(server, req: protocol.CompletionRequest):
     prompts = completion_prompts(server, req.prompt)
     stop = server.check_stop(req.stop)
     plans = []
+    so = server.structured(_format(req), "response_format")
     for ids in prompts:
         params = server.params(
             **_sampling_fields(server, req, stop), max_tokens=16 if req.max_tokens is None else req.max_tokens,
-            logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens)
-        plans.append((ids, server.check_request(ids, params)))
+            logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens, structured_outputs=so)
+        plans.append((ids, server.check_request(ids, params, {"structured_outputs": "response_format"})))
     if sum(p.n for _, p in plans) > server.max_pending:
         raise APIError(400, "too many sequences in one request", param="prompt")
     return plans

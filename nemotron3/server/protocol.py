@@ -11,7 +11,7 @@ Design decisions:
   is null is reported as missing.
 * **Unknown fields are ignored** (vLLM's behaviour): clients send newer parameters (`store`, `metadata`,
   `service_tier`, ...) that do not change generation here. Fields that would change it and are not
-  supported (structured `response_format`, `suffix`, images) are declared so they can be refused with a
+  supported (`suffix`, images) are declared so they can be refused with a
   400 instead of being dropped.
 * Only shapes and ranges are checked here; checks that need the model (context length, tool names,
   tokenizer) live in `app.py`. Everything a client gets wrong becomes a 4xx with the API's own error body
@@ -132,8 +132,17 @@ class ChatMessage(_Model):
     reasoning: Optional[str] = None
 
 
+class JsonSchemaFormat(_Model):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
 class ResponseFormat(_Model):
     type: str
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class _SamplingFields(_Model):
@@ -158,6 +167,7 @@ class _SamplingFields(_Model):
     repetition_penalty: Optional[float] = Field(None, gt=0)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -171,7 +181,6 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     thinking_budget: Optional[Int] = Field(None, ge=0)
-    response_format: Optional[ResponseFormat] = None
     skip_special_tokens: bool = False
 
 
@@ -319,6 +328,14 @@ class AnthropicTool(_Model):
     description: Optional[str] = None
     input_schema: Optional[dict[str, Any]] = None
     type: Optional[str] = None
+    strict: Optional[bool] = None
+
+
+class AnthropicOutputFormat(_Model):
+    """Structured outputs (beta `structured-outputs-2025-11-13`): `{"type": "json_schema", "schema": {...}}`."""
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    type: str
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
 
 
 class AnthropicToolChoice(_Model):
@@ -357,6 +374,7 @@ class MessagesRequest(_Model):
     context_management: Optional[dict[str, Any]] = None       # accepted, no effect (nothing is cleared)
     stream: bool = False
     metadata: Optional[dict[str, Any]] = None
+    output_format: Optional[AnthropicOutputFormat] = None
 
 
 class AnthropicUsage(BaseModel):

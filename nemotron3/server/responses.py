@@ -44,7 +44,7 @@ from .http import SSE_HEADERS, until_disconnect
 from .openai import EFFORT, thinking_settings
 from .protocol import APIError
 from .protocol_responses import ResponsesRequest
-from .serving import ChatPlan, ChatStreamState, Server, with_system_note
+from .serving import ChatPlan, ChatStreamState, Server, answer_mode, with_system_note
 
 log = logging.getLogger("nemotron3.server")
 
@@ -223,26 +223,10 @@ def function_tools(tools: list[dict] | None) -> list[dict]:
     return out
 
 
-def check_text_format(req: ResponsesRequest) -> None:
-    """`text.format`: the one place the Responses API reads it. It is chat's `response_format` with
-    json_schema's fields at the top level (`{type, name, schema, strict}`); structured outputs will take it
-    from here. Until they exist json_object / json_schema are a 400, as chat's response_format is."""
-    fmt = req.text.format if req.text else None
-    kind = None if fmt is None else fmt.get("type")
-    if kind in (None, "text"):
-        return
-    if kind not in ("json_object", "json_schema"):
-        raise APIError(400, f"text.format.type must be text, json_object or json_schema (got {kind!r})",
-                       param="text.format")
-    raise APIError(400, f"text.format {kind!r} is not supported by this server (structured outputs are not "
-                        "implemented)", param="text.format")
-
-
 # ====================================================================== planning
 
 def plan_response(server: Server, store: ResponseStore, req: ResponsesRequest) -> tuple[ChatPlan, list[dict]]:
     """(the chat plan, the conversation so far without instructions: what a continuation starts from)."""
-    check_text_format(req)
     history: list[dict] = []
     if req.previous_response_id is not None:
         prev = store.get(req.previous_response_id)
@@ -287,12 +271,16 @@ def plan_response(server: Server, store: ResponseStore, req: ResponsesRequest) -
     kwargs: dict = {"truncate_history_thinking": False}
     mode, budget = thinking_settings(server, effort, kwargs, None, "reasoning")
     text, ids = server.render(messages, tools if parse_tools else None, kwargs)
+    # text.format is chat's response_format with json_schema's fields at the top level ({type, name, schema})
+    fields = server.constraints(tools, forced, choice == "required", parse_tools, req.parallel_tool_calls,
+                                server.structured(req.text.format if req.text else None, "text.format"))
     params = server.params(
         n=1, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, max_tokens=req.max_output_tokens,
-        skip_special_tokens=False, reasoning_mode=mode, thinking_budget=budget,
-        answer_prefix_ids=server.tool_call_prefix(forced) if note else None)
-    params = server.check_request(ids, params, {"prompt": "input", "max_tokens": "max_output_tokens"})
+        skip_special_tokens=False, reasoning_mode=answer_mode(mode, budget, fields), thinking_budget=budget,
+        **fields)
+    params = server.check_request(ids, params, {"prompt": "input", "max_tokens": "max_output_tokens",
+                                                "structured_outputs": "text.format" if req.text else "tools"})
     plan = ChatPlan(ids, params, thinking=text.rfind("<think>") > text.rfind("</think>"), tools=tools or None,
                     parse_tools=parse_tools, parallel=req.parallel_tool_calls)
     return plan, conversation

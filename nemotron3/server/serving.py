@@ -11,9 +11,16 @@ Design decisions (see also the README's "Serving" section):
 * **Admission: 429, no queueing in the server.** The engine already queues sequences beyond
   `max_num_seqs`; the server refuses (429, `Retry-After: 1`) a request that would bring the sequences it
   has in flight above `max_pending`. Nothing waits in the server, so nothing can hang there.
-* **tool_choice** `required` / a named function: a line appended to the system prompt ("You must call ...")
-  AND the engine forces the answer (the first tokens after `</think>`, or the first tokens when thinking is
-  off) to begin `<tool_call>\\n<function=` (required) or `<tool_call>\\n<function=NAME>\\n` (named).
+* **Tool calls that cannot miss** (`constraints`, grammars from engine/tool_grammar.py): tool_choice
+  `required` / a named function appends a line to the system prompt ("You must call ...") AND makes the whole
+  answer (after `</think>`) calls in the XML format, to the declared tools (the named one) with arguments
+  valid for their JSON schemas. `auto`: free text, but once the model opens `<tool_call>` the call names a
+  declared tool (arguments schema-checked for `strict` tools). No tools or tool_choice `none`: the
+  `<tool_call>` / `</tool_call>` tokens are banned, so such a request never returns a call.
+* **Structured outputs** (`response_format` json_schema / json_object, Anthropic `output_format`,
+  Responses `text.format`: `structured`) become the engine's `StructuredOutputs`; a schema the grammar
+  library refuses is a 400 naming the field. When thinking is on without a budget, a constrained request
+  gets the medium budget (at most half of max_tokens) so the answer has room.
 * **Nothing slow on the event loop.** Planning a request (chat rendering, tokenisation: seconds for a
   multi-MB prompt) runs in a worker thread (`offload`), so streams and /health go on meanwhile.
 * The server talks to `AsyncLLMEngine`'s public surface only (never to the sync engine behind it).
@@ -29,8 +36,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..chat.parsers import CALL_OPEN, Delta, StreamParser
-from ..engine import AsyncLLMEngine, RequestError, SamplingParams
+from ..chat.parsers import CALL_CLOSE, CALL_OPEN, Delta, StreamParser
+from ..engine import AsyncLLMEngine, RequestError, SamplingParams, StructuredOutputs
+from ..engine.tool_grammar import ToolGrammarError, call_grammar
 from ..tokenizer import encode_text, scrub_surrogates
 from . import protocol
 from .metrics import ServerMetrics
@@ -134,9 +142,49 @@ class Server:
         except ValueError as e:
             raise _params_error(e) from None
 
-    def tool_call_prefix(self, forced_name: str | None) -> list[int]:
-        """The answer's forced opening for tool_choice required (`forced_name` None) / a named function."""
-        return self.encode(f"{CALL_OPEN}\n<function={forced_name}>\n" if forced_name else f"{CALL_OPEN}\n<function=")
+    def structured(self, fmt: dict | None, param: str) -> StructuredOutputs | None:
+        """A response format (`{"type": "text" | "json_object" | "json_schema", ...}`, OpenAI's shape with the
+        schema under `json_schema.schema`, or Anthropic's / Responses' with it under `schema`) as the engine's
+        StructuredOutputs (None for text)."""
+        kind = (fmt or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutputs(json_object=True)
+        if kind != "json_schema":
+            raise APIError(400, f"{param}.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param=param)
+        schema = (fmt.get("json_schema") or {}).get("schema") if "json_schema" in fmt else fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, f"{param}: a json_schema format needs a JSON Schema object under 'schema'",
+                           param=param)
+        return StructuredOutputs(json=schema)
+
+    def constraints(self, tools: list[dict] | None, forced: str | None, required: bool, parse_tools: bool,
+                    parallel: bool, fmt: StructuredOutputs | None) -> dict:
+        """SamplingParams fields for a chat request's response format and tool calls (see the module notes)."""
+        open_, close = (self.tokenizer.token_to_id(t) if hasattr(self.tokenizer, "token_to_id") else None
+                        for t in (CALL_OPEN, CALL_CLOSE))
+        if fmt is not None:
+            return {"structured_outputs": fmt}
+        if open_ is None or close is None:         # a tokenizer without call tokens: force the opening text
+            if not (forced or required):
+                return {}
+            return {"answer_prefix_ids": self.encode(f"{CALL_OPEN}\n<function={forced}>\n" if forced
+                                                     else f"{CALL_OPEN}\n<function=")}
+        if not (tools and parse_tools):
+            return {"banned_token_ids": [open_, close]}
+        try:
+            if forced or required:
+                # the call tokens are also banned, which matters while the model thinks (the grammar starts after
+                # </think>): in the answer the grammar makes each the only choice where it comes, and wins
+                g = call_grammar(tools, open_, close, names=[forced] if forced else None, parallel=parallel and
+                                 not forced)
+                return {"structured_outputs": StructuredOutputs(grammar=g), "banned_token_ids": [open_, close]}
+            g = call_grammar(tools, open_, close, strict=False, triggered=True)
+        except ToolGrammarError as e:
+            raise APIError(400, f"tools: {e}", param="tools") from None
+        return {"structured_outputs": StructuredOutputs(grammar=g, trigger=open_)}
 
     def encode(self, text: str) -> list[int]:
         """Prompt ids, through `encode_batch` where the tokenizer has one: `tokenizers` releases the GIL there
@@ -248,6 +296,13 @@ class ChatStreamState:
                                         "function": {"name": tc.name, "arguments": tc.arguments_json}}]})
             self.n_calls += 1
         return out
+
+
+def answer_mode(mode: str, budget: int | None, fields: dict) -> str:
+    """The reasoning mode for a request whose whole answer is constrained: regular thinking without a budget
+    becomes medium (a budget of at most half of max_tokens), so the constrained answer has room."""
+    so = fields.get("structured_outputs")
+    return "medium" if so is not None and so.trigger is None and mode == "regular" and budget is None else mode
 
 
 def with_system_note(messages: list[dict], note: str) -> list[dict]:
