@@ -1,5 +1,5 @@
 """Tokens/s and peak memory (max RSS) per rank of DDP vs FSDP2 vs EP 2 vs FSDP2 x EP 2 at 2 ranks (gloo on CPU):
-`python bench/parallel_speed.py RECIPE.json CORPUS_DIR TOKENIZER_DIR [STEPS]`. Each layout runs under torchrun
+`python bench/parallel_speed.py RECIPE.json CORPUS_DIR TOKENIZER_DIR [STEPS [LAYOUT,LAYOUT...]]`. Each layout runs under torchrun
 with this file as the worker (`--worker`), which trains and then writes its rank's peak RSS; tokens/s is the
 mean of the log's per-step tok_per_s after the first 2 steps."""
 import json
@@ -21,7 +21,10 @@ if __name__ == "__main__" and sys.argv[1] == "--worker":
 elif __name__ == "__main__":
     recipe, corpus, tok = sys.argv[1:4]
     steps = int(sys.argv[4]) if len(sys.argv) > 4 else 12
+    only = sys.argv[5].split(",") if len(sys.argv) > 5 else list(LAYOUTS)
     for name, sets in LAYOUTS.items():
+        if name not in only:
+            continue
         out = Path(tempfile.mkdtemp())
         over = [f"data.corpus_dir={corpus}", f"data.tokenizer_dir={tok}", f"train.total_steps={steps}",
                 "train.eval_every=100000", "train.save_every=100000", "train.threads=2", *sets]
