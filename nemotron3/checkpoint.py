@@ -181,7 +181,7 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
                               "config.json and the safetensors)" if path.exists() else "does not exist"))
     config = config or NemotronConfig.from_json_file(path)
     from .model.attention import Attention
-    from .quant.modelopt import layout_from_tensors, read_quant_config
+    from .quant.modelopt import declares_fp8_kv, layout_from_tensors, read_quant_config
     try:
         quant = read_quant_config(path, config.extra)
     except ValueError as e:
@@ -264,7 +264,7 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
             parts.append(t.to(device=device, dtype=qnames.get(fused) or dtype))
         _assign(model, fused, torch.stack(parts))
         del parts
-    if quant is not None and str(quant.get("kv_cache_quant_algo")).upper() == "FP8":
+    if declares_fp8_kv(quant):
         for n in attention:
             mod = model.get_submodule(n)
             for which in ("k", "v"):

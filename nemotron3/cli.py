@@ -50,9 +50,8 @@ def _info_kv_dtype(args, cfg) -> str:
     if args.kv_cache_dtype != "auto":
         return args.kv_cache_dtype
     if Path(args.model).is_dir():
-        from .quant.modelopt import read_quant_config
-        q = read_quant_config(Path(args.model), cfg.extra) or {}
-        if str(q.get("kv_cache_quant_algo")).upper() == "FP8":
+        from .quant.modelopt import declares_fp8_kv, read_quant_config
+        if declares_fp8_kv(read_quant_config(Path(args.model), cfg.extra)):
             return "fp8"
     return "bfloat16"
 

@@ -143,6 +143,11 @@ def _from_config_block(qc: dict) -> dict:
     return q
 
 
+def declares_fp8_kv(q: dict | None) -> bool:
+    """Whether a quantization block (`read_quant_config`) declares an FP8 KV cache (`kv_cache_quant_algo`)."""
+    return q is not None and str(q.get("kv_cache_quant_algo")).upper() == "FP8"
+
+
 def write_hf_quant_config(model: nn.Module, path: Path) -> dict:
     hf = hf_quant_config(model)
     tmp = Path(path) / "hf_quant_config.json.tmp"
