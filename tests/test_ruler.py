@@ -85,22 +85,6 @@ def test_grading():
     assert ruler.score(" 11111, 22222 and 44444", ["11111", "22222", "33333", "44444"]) == 0.75
 
 
-def test_retrieval_training_docs(tok):
-    hay = ruler.Haystack([TEXT * 20] * 4, tok)
-    docs = ruler.retrieval_training_docs(3, 1024, tok, hay, seed=5)
-    assert docs == ruler.retrieval_training_docs(3, 1024, tok, [TEXT * 20] * 4, seed=5)    # texts or a Haystack
-    assert docs != ruler.retrieval_training_docs(3, 1024, tok, hay, seed=6)
-    for d in docs:
-        n = len(tok.encode(d, parse_special=False))
-        assert 0.95 * 1024 <= n <= 1024
-        notes = [ln for ln in d.splitlines() if ln.startswith("Note: the code of ")]
-        recalls = [ln for ln in d.splitlines() if ln.startswith("Recall: the code of ")]
-        assert 8 <= len(notes) <= 16 and 4 <= len(recalls) <= 8
-        for r in recalls:                                            # every recall matches a needle
-            assert "Note: the code of " + r[len("Recall: the code of "):] in notes
-        assert "special magic number" not in d                        # different wording from the eval
-
-
 def test_evaluate_with_tiny_model(tok, docs):
     from engine_utils import tiny_model
     from nemotron3.engine import LLM

@@ -26,9 +26,7 @@ as found if it appears in the generated text as a whole number (digits not part 
 a sample's score is the fraction of its expected values found (1 or 0 except for niah_multivalue, where
 partial credit is given; `all_found` is also reported). Accuracy = mean score.
 
-`retrieval_training_docs` produces training documents of the same family with *different* wording
-("Note: the code of {key} is {value}." ... "Recall: the code of {key} is {value}.") from the **train**
-split, as synthetic long-range retrieval data for a long-context training stage.
+Training data of the same family, worded differently, is `train/retrieval.py`'s (from the **train** split).
 """
 from __future__ import annotations
 
@@ -324,67 +322,3 @@ def format_table(report: dict) -> str:
 
 def _short(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
-
-
-# ---------------------------------------------------------------------------------------------- training data
-def retrieval_training_docs(n: int, length: int, tokenizer, haystack, seed: int = 0) -> list[str]:
-    """`n` synthetic long-range retrieval documents of about `length` tokens (never more; separately
-    tokenized pieces, so re-tokenizing the text may differ by a few tokens) cut from `haystack` (a `Haystack`
-    or a list of texts: the corpus's **train** split, which the caller reads). Each embeds 8-16 needles "Note: the code of {key} is {value}." (and, in about a third of the
-    documents, a 3-variable chain "Let X be 4821337." / "Let Y be X.") at random depths, and ends with 4-8
-    query/answer lines "Recall: the code of {key} is {value}." (chains: "Recall: Y is 4821337.") in random
-    order. The wording differs from the evaluation prompts on purpose. Deterministic in (seed, n, length)."""
-    if length < 256:
-        raise ValueError(f"length must be >= 256 tokens, got {length}")
-    hay = haystack if isinstance(haystack, Haystack) else Haystack(list(haystack), tokenizer)
-    docs = []
-    for d in range(n):
-        tag = f"ruler-train/{seed}/{length}/{d}"
-        # pieces are tokenized separately, the document as a whole usually takes a few % fewer tokens:
-        # grow the haystack budget until the whole text is within 1% under `length` (never over)
-        budget, best = None, None
-        for _ in range(4):
-            text, fixed = _train_doc(random.Random(tag), hay, tokenizer, length, budget)
-            got = len(tokenizer.encode(text, parse_special=False))
-            if got <= length and (best is None or got > best[1]):
-                best = (text, got)
-            if length * 0.99 <= got <= length:
-                break
-            cur = (length - fixed) if budget is None else budget
-            budget = max(0, cur + int((length - got) * (0.98 if got < length else 1.02)))
-        docs.append(best[0] if best is not None else text)
-    return docs
-
-
-def _train_doc(rng: random.Random, hay: Haystack, tokenizer, length: int, budget: int | None):
-    keys, vals, names = set(), set(), set()
-    pairs = [(random_key(rng, keys), random_value(rng, vals)) for _ in range(rng.randint(8, 16))]
-    needles = [f"Note: the code of {k} is {v}." for k, v in pairs]
-    recalls = [f"Recall: the code of {k} is {v}." for k, v in rng.sample(pairs, rng.randint(4, min(8, len(pairs))))]
-    if rng.random() < 1 / 3:
-        val = random_value(rng, vals)
-        chain = [random_var(rng, names) for _ in range(3)]
-        needles += [f"Let {chain[0]} be {val}.", f"Let {chain[1]} be {chain[0]}.", f"Let {chain[2]} be {chain[1]}."]
-        recalls.append(f"Recall: {chain[2]} is {val}.")
-    rng.shuffle(recalls)
-    intro = "The text below contains codes to remember.\n\n"
-    outro = "\n" + "\n".join(recalls) + "\n"
-    fixed = len(tokenizer.encode(intro, parse_special=False)) + len(tokenizer.encode(outro, parse_special=False)) \
-        + sum(len(tokenizer.encode(x + "\n", parse_special=False)) for x in needles)
-    lines = [t for t, _ in hay.take(max(0, length - fixed if budget is None else budget), rng)]
-    # needles at random line boundaries; a chain's lines keep their order (chain members are last)
-    nl = len(lines)
-    chain_part = needles[len(pairs):]
-    at = sorted(rng.randint(0, nl) for _ in chain_part)
-    plain = [(rng.randint(0, nl), i) for i in range(len(pairs))]
-    inserts = sorted([(p, 0, i, needles[i]) for p, i in plain] +
-                     [(p, 1, j, chain_part[j]) for j, p in enumerate(at)])
-    out, k = [intro], 0
-    for j in range(nl + 1):
-        while k < len(inserts) and inserts[k][0] == j:
-            out.append(inserts[k][3] + "\n")
-            k += 1
-        if j < nl:
-            out.append(lines[j])
-    out.append(outro)
-    return "".join(out), fixed

@@ -12,9 +12,10 @@ trains the ablations (train/surgery.py) for `nemotron3 eval ruler`. The recipe i
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from ..tokenizer import load_tokenizer
 from .corpus import iter_documents
@@ -22,27 +23,35 @@ from .recipe import PRETRAIN, stage_parser, train_stage
 
 
 def resolve_retrieval(recipe: dict) -> dict:
-    """Replace each `"source": "retrieval"` component by a generated .jsonl (built once, then reused)."""
+    """Replace each `"source": "retrieval"` component (`rows` rows of its seq_len, optional `seed`) by the
+    token and answer-mask `.npy` streams of `train/retrieval.py` (built once under OUT_DIR/data, then reused)."""
     d = recipe["data"]
     data_dir = Path(recipe["out_dir"]) / "data"
-    hay = None
+    hay = tok = None
     for i, c in enumerate(d.get("mix") or []):
         if c.get("source") != "retrieval":
             continue
-        path = data_dir / f"retrieval-{i}-{c['seq_len']}x{c['docs']}.jsonl"
-        if not path.exists():
-            from ..eval.ruler import Haystack, retrieval_training_docs
+        if not isinstance(c.get("rows"), int) or isinstance(c["rows"], bool) or c["rows"] < 1:
+            raise ValueError(f"data.mix[{i}]: a 'retrieval' component needs \"rows\": a positive integer, "
+                             f"got {c.get('rows')!r}")
+        seed = c.get("seed", recipe["train"]["seed"] + i)
+        stem = data_dir / f"retrieval-{c['seq_len']}x{c['rows']}-seed{seed}"
+        paths = stem.with_suffix(".tokens.npy"), stem.with_suffix(".mask.npy")
+        if not all(p.exists() for p in paths):
+            from ..eval.ruler import Haystack
+            from .retrieval import retrieval_rows
             if hay is None:          # the corpus's train split, tokenized once for every component
                 tok = load_tokenizer(d["tokenizer_dir"])
                 hay = Haystack([doc["text"] for doc in iter_documents(d["corpus_dir"], "train")], tok)
-            docs = retrieval_training_docs(c["docs"], c["seq_len"], tok, hay,
-                                           seed=c.get("seed", recipe["train"]["seed"]) + i)
+            arrays = retrieval_rows(c["rows"], c["seq_len"], tok, hay, seed=seed)
             data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-            tmp.replace(path)
-            print(f"built {path} ({len(docs)} documents)", file=sys.stderr)
-        d["mix"][i] = {**{k: v for k, v in c.items() if k not in ("docs", "seed")}, "source": str(path)}
+            for p, arr in zip(paths, arrays):
+                tmp = p.with_name(p.name + ".tmp.npy")
+                np.save(tmp, arr)
+                tmp.replace(p)
+            print(f"built {paths[0]} ({c['rows']} rows, {int(arrays[1].sum())} answer tokens)", file=sys.stderr)
+        keep = {k: v for k, v in c.items() if k not in ("rows", "seed", "source")}
+        d["mix"][i] = {**keep, "source": str(paths[0]), "mask": str(paths[1])}
     return recipe
 
 

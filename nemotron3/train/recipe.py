@@ -37,9 +37,9 @@ TRAIN_DEFAULTS = dict(
 PARALLEL_DEFAULTS = dict(fsdp=False, expert=1)
 DATA_DEFAULTS = dict(corpus_dir="runs/data/corpus", tokenizer_dir="runs/data/tokenizer", seq_len=512,
                      sources=None, mix=None, val=None)
-# keys of one data component (train/data.py `build_component`); `docs` only on longctx's "retrieval" source
+# keys of one data component (train/data.py `build_component`; longctx's "retrieval" source takes `rows`, `seed`)
 COMPONENT_KEYS = ("source", "seq_len", "batch_size", "weight", "split", "mask", "pack", "rows", "spans",
-                  "span_vocab", "span_len", "filler_len", "seed", "docs")
+                  "span_vocab", "span_len", "filler_len", "seed")
 
 
 @dataclass(frozen=True)
