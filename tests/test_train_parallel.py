@@ -183,3 +183,19 @@ def test_ultra_memory_model():
     with pytest.raises(ValueError, match="must divide"):
         memory_model(cfg, world=64, ep=48)
     main(["ultra", "--world", "512", "--ep", "512"])
+
+
+@pytest.mark.parametrize("n_val,world,batch", [(49, 2, 4), (24, 2, 4), (5, 4, 2), (3, 4, 1), (7, 1, 3)])
+def test_validation_batches_are_collective_safe(n_val, world, batch):
+    """A sharded model's forward is collective: every rank must run as many validation forwards as the others
+    (49 rows on 2 ranks once deadlocked pico's FSDP2 bench: 7 forwards on rank 0, 6 on rank 1). Counted
+    rows still cover the first n_val exactly once; without sharding no padding forward is run."""
+    from nemotron3.train.pretrain import val_batches
+    for collective in (True, False):
+        per_rank = [list(val_batches(n_val, r, world, batch, collective)) for r in range(world)]
+        counted = sorted(int(i) for b in per_rank for idx, keep in b for i in idx[:keep])
+        assert counted == list(range(n_val))
+        if collective:
+            assert len({len(b) for b in per_rank}) == 1
+        else:
+            assert all(keep == len(idx) for b in per_rank for idx, keep in b)

@@ -120,6 +120,18 @@ class _Stop:
             signal.signal(s, h)
 
 
+def val_batches(n_val: int, rank: int, world: int, batch_size: int, collective: bool):
+    """This rank's validation batches: (row indices, how many of them count). Rows rank, rank + world, ...
+    of the first n_val; when the forward is collective (a sharded model all-gathers weights in it) every rank
+    runs the same number of forwards, a rank short of rows repeating row 0 without counting it."""
+    mine = np.arange(rank, n_val, world)
+    n = -(-n_val // world) if collective else len(mine)
+    for i in range(0, n, batch_size):
+        idx = mine[i:i + batch_size]
+        want = min(batch_size, n - i)
+        yield np.concatenate([idx, np.zeros(want - len(idx), dtype=idx.dtype)]), len(idx)
+
+
 class Pretrainer:
     """One run's live objects (model, loss, optimizer, data, ranks) and its two operations: `step` (one
     optimizer step over grad_accum micro-batches) and `evaluate` (validation loss, copying probe)."""
@@ -169,11 +181,11 @@ class Pretrainer:
         self.lossm.record(False)
         par, B = self.par, self.t["batch_size"]
         tot = torch.zeros(2, dtype=torch.float64, device=par.device)
-        mine = np.arange(par.rank, self.n_val, par.world)
-        for i in range(0, len(mine), B):
-            x, y = (v.to(par.device) for v in self.val_ds.rows(mine[i:i + B]))
+        for idx, keep in val_batches(self.n_val, par.rank, par.world, B, par.sharded):
+            x, y = (v.to(par.device) for v in self.val_ds.rows(idx))
             with self.autocast():
-                logits = self.model(x)
+                logits = self.model(x)[:keep]
+            y = y[:keep]
             tot[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
                                       reduction="sum").double()
             tot[1] += (y != IGNORE).sum()
