@@ -83,6 +83,33 @@ def test_greedy_equals_reference_loop(model, fast):
         assert o.outputs[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("prefix", [False, True])
+@pytest.mark.parametrize("fast", [True, False])
+def test_repeated_greedy_generate_is_identical(model, fast, prefix):
+    """One LLM, greedy, called again and again: prompts of different lengths (1 token to past a prefix-cache
+    block and several SSD chunks) together (3 slots for 5 prompts, finishing at different steps: slots are
+    reused and compacted mid-call), one at a time, in another order. Every call gives every prompt the
+    argmax tokens of full forwards, so nothing a finished sequence leaves in a reused slot (Mamba conv/SSM
+    state, K/V past the length, lengths) or in the engine reaches the next one."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(12, 96, (n,), generator=g).tolist() for n in (1, 70, 5, 17, 40)]
+    n_tok = [12, 7, 12, 4, 9]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in n_tok]
+    refs = [reference_greedy(model, p, n) for p, n in zip(prompts, n_tok)]
+    llm = LLM(model, max_num_seqs=3, block_size=16, fast_decode=fast, enable_prefix_caching=prefix)
+
+    def tokens(idx):
+        return [o.outputs[0].token_ids for o in llm.generate([prompts[i] for i in idx], [params[i] for i in idx])]
+
+    for _ in range(2):
+        assert tokens(range(5)) == refs                                    # concurrently
+    for i in (0, 3, 1, 1, 4, 2, 0):                                        # one at a time
+        assert tokens([i]) == [refs[i]], i
+    assert tokens([4, 2, 0, 3, 1]) == [refs[i] for i in (4, 2, 0, 3, 1)]
+    sch = llm.engine.scheduler
+    assert not sch.running and not sch.waiting and sch.free_slots == [0, 1, 2]
+
+
 # ---- continuous batching ----
 
 @pytest.mark.parametrize("fast", [True, False])
