@@ -101,10 +101,12 @@ class NemotronConfig:
     time_step_floor: float = 1e-4
     time_step_limit: tuple = (0.0, math.inf)
     mamba_ssm_cache_dtype: str = "float32"
-    # `dt` lower clamp at time_step_min, as transformers' PyTorch path does in prefill. We apply it in
-    # every path (prefill, chunked prefill, decode) so cached decode equals the full forward; set False to
-    # match vLLM / TensorRT-LLM kernels, which never clamp. (Our own key; transformers ignores it.)
-    mamba_dt_clamp: bool = True
+    # Opt-in `dt` lower clamp at time_step_min (NVIDIA's original remote code and transformers 4.x clamped in
+    # their PyTorch paths). Off by default: transformers 5.x (the numerics reference), vLLM, TensorRT-LLM and
+    # llama.cpp never clamp, so a checkpoint without this key runs as they run it. When on, it applies in every
+    # path (prefill, chunked prefill, decode), so cached decode still equals the full forward. (Our own key;
+    # transformers ignores it.)
+    mamba_dt_clamp: bool = False
     # MoE (`E`): LatentMoE when moe_latent_size is set
     n_routed_experts: int = 8
     num_experts_per_tok: int = 2

@@ -21,7 +21,8 @@ VARIANTS = {
     "biases": dict(use_bias=True, mlp_bias=True),
     "no_latent": dict(moe_latent_size=None),
     "grouped_router": dict(n_routed_experts=8, n_group=4, topk_group=2, norm_topk_prob=False),
-    "dt_limit": dict(time_step_limit=(0.01, 0.5), mamba_dt_clamp=False, use_conv_bias=False),
+    "dt_limit": dict(time_step_limit=(0.01, 0.5), use_conv_bias=False),
+    "dt_clamp": dict(mamba_dt_clamp=True, time_step_min=0.05),     # the opt-in clamp at time_step_min
     # odd sizes: no multiple of the C kernel's 4-row / 512-column blocking, MHA, one group, kernel 3,
     # one routed expert per token
     "odd_shapes": dict(hidden_size=37, num_attention_heads=3, num_key_value_heads=3, head_dim=5,

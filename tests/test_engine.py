@@ -83,6 +83,51 @@ def test_greedy_equals_reference_loop(model, fast):
         assert o.outputs[0].finish_reason == "length"
 
 
+def poison_stale_cache(llm, scale=50.0):
+    """Large random values wherever the cache holds nothing live: K/V past every slot's length (backbone and
+    MTP), the Mamba conv/SSM states of free slots. Correct code never reads them (a masked key gets weight
+    exactly 0); a path that does changes the tokens."""
+    c, g = llm.engine.cache, torch.Generator().manual_seed(3)
+    for store in (c.k, c.v):
+        for i, buf in store.items():
+            lengths = c.mtp_lengths if c.is_mtp_layer(i) else c.lengths
+            for s in range(c.num_slots):
+                stale = buf[s, :, int(lengths[s]):]
+                stale.copy_(scale * torch.randn(stale.shape, generator=g))
+    for t in (*c.conv.values(), *c.ssm.values()):
+        for s in llm.engine.scheduler.free_slots:
+            t[s] = scale * torch.randn(t[s].shape, generator=g)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+@pytest.mark.parametrize("fast", [True, False])
+def test_repeated_greedy_generate_is_identical(model, fast, prefix):
+    """One LLM, greedy, called again and again: prompts of different lengths (1 token to past a prefix-cache
+    block and several SSD chunks) together (3 slots for 5 prompts, finishing at different steps: slots are
+    reused and compacted mid-call), one at a time, in another order, with the stale cache poisoned before
+    every call. Every call gives every prompt the argmax tokens of full forwards, so nothing a finished
+    sequence leaves in a reused slot (Mamba conv/SSM state, K/V past the length, lengths) or in the engine
+    reaches the next one."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(12, 96, (n,), generator=g).tolist() for n in (1, 70, 5, 17, 40)]
+    n_tok = [12, 7, 12, 4, 9]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in n_tok]
+    refs = [reference_greedy(model, p, n) for p, n in zip(prompts, n_tok)]
+    llm = LLM(model, max_num_seqs=3, block_size=16, fast_decode=fast, enable_prefix_caching=prefix)
+
+    def tokens(idx):
+        poison_stale_cache(llm)
+        return [o.outputs[0].token_ids for o in llm.generate([prompts[i] for i in idx], [params[i] for i in idx])]
+
+    for _ in range(2):
+        assert tokens(range(5)) == refs                                    # concurrently
+    for i in (0, 3, 1, 1, 4, 2, 0):                                        # one at a time
+        assert tokens([i]) == [refs[i]], i
+    assert tokens([4, 2, 0, 3, 1]) == [refs[i] for i in (4, 2, 0, 3, 1)]
+    sch = llm.engine.scheduler
+    assert not sch.running and not sch.waiting and sch.free_slots == [0, 1, 2]
+
+
 # ---- continuous batching ----
 
 @pytest.mark.parametrize("fast", [True, False])

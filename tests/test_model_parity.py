@@ -95,6 +95,35 @@ def test_ragged_slots_equal_full_forward():
     assert cache.lengths.tolist() == [9, 0, 16, 21]
 
 
+def test_dt_below_time_step_min_matches_transformers():
+    """Heads whose dt = softplus(. + dt_bias) falls below time_step_min are not clamped (transformers 5.x,
+    vLLM, llama.cpp never clamp): full forward and cached decode both equal transformers. Group 0 of every
+    Mamba layer has only such heads and no D skip, and the gated norm's eps is tiny, so its normalised output
+    depends on dt's size: the opt-in `mamba_dt_clamp` moves the logits by ~25% here (checked below)."""
+    torch.manual_seed(0)
+    model = randomize(NemotronHForCausalLM(small_config("MEM*EME", moe_latent_size=16,
+                                                        layer_norm_epsilon=1e-12)).eval())
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "dt_bias"):
+                m.dt_bias[:2] = -9.0                        # softplus(-9) ~ 1.2e-4 < time_step_min = 1e-3
+                m.D[:2] = 0.0                               # heads 0, 1 = group 0 (4 heads, 2 groups)
+    assert not model.config.mamba_dt_clamp
+    hf = hf_model_from(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits
+        assert_logits_close(model(ids), ref)
+        cache = HybridCache(model.config, num_slots=2)
+        parts = [model(ids[:, :10], cache)] + [model(ids[:, t:t + 1], cache) for t in range(10, 24)]
+        assert_logits_close(torch.cat(parts, 1), ref)
+        model.config.mamba_dt_clamp = True
+        try:
+            assert (model(ids) - ref).abs().max() > 0.05 * ref.abs().max()
+        finally:
+            model.config.mamba_dt_clamp = False
+
+
 def test_bf16_forward_close_to_transformers_bf16():
     model = make("latent_moe")
     hf = hf_model_from(model).to(torch.bfloat16)
