@@ -208,6 +208,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--types", nargs="+", default=["f32", "bf16", "q8_0", "q4_0"])
     ap.add_argument("--sections", default="agree,tg,pp,batch")
+    ap.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
+                    help="ours with LLM(weight_dtype=...) instead of the defaults")
     ap.add_argument("--cache", default=str(Path(os.environ.get("NEMOTRON3_CACHE") or Path.home() / ".cache" /
                                                 "nemotron3") / "llamacpp"))
     a = ap.parse_args()
@@ -232,7 +234,8 @@ def main():
     long_prompt = (encode_text(tok, " ".join(PROMPTS) * 40) * 4)[:512]
     batch_prompts = [(encode_text(tok, PROMPTS[i % 5] + " " + PROMPTS[(i + 1) % 5]) * 40)[:128] for i in range(16)]
     for th in a.threads:
-        llm1, llm16 = our_llm(model, th, max_num_seqs=1), our_llm(model, th, max_num_seqs=16)
+        kw = {"weight_dtype": a.weight_dtype} if a.weight_dtype else {}
+        llm1, llm16 = our_llm(model, th, max_num_seqs=1, **kw), our_llm(model, th, max_num_seqs=16, **kw)
         our_greedy(llm1, [long_prompt[:16]], 8)                              # warm-up (builds the kernel)
         for name, on in (("tg", "tg" in sections), ("pp", "pp" in sections), ("batch", "batch" in sections)):
             if not on:
