@@ -33,7 +33,8 @@ enum { MAMBA = 0, ATTENTION = 1, MOE = 2, MLP = 3 };
  *              dt_min?, limit?          f: dt_min, limit lo, limit hi, gated-norm eps
  *           v: block norm, in bias, conv taps [K (+1 bias row), C], dt_bias, A = -exp(A_log), D,
  *              gated-norm weight, out bias          m: in_proj, out_proj
- * Attention n: query heads, kv heads, head_dim   v: block norm   m: q, k, v, o
+ * Attention n: query heads, kv heads, head_dim, K/V element bytes (4 fp32, 2 bf16, 1 FP8 E4M3)
+ *           f: k_scale, v_scale (E4M3)   v: block norm   m: q, k, v, o
  * MoE       n: experts E, latent Lt (0: none), expert intermediate I, expert input lin, shared S, top_k,
  *              n_group, topk_group, norm_topk_prob          f: routed_scaling_factor
  *           v: block norm, e_score_correction_bias, fc1_latent bias, shared up bias, fc2_latent bias,
@@ -48,14 +49,14 @@ typedef struct {
     const Mat *m;
 } Layer;
 
-/* One call: B rows; row b's layer-i state is state[2 (b L + i)] and the next pointer ((conv, ssm) or
- * (K, V) of its cache slot), K/V capacity cap[i], position pos[b]. Scratch: shared buffers, then one
- * block of `per_thread` floats per thread. */
+/* One call: B rows; row b's layer-i state is state[2 (b L + i)] and the next pointer ((conv, ssm) fp32 or
+ * (K, V) in the layer's K/V format, of its cache slot), K/V capacity cap[i], position pos[b]. Scratch: shared
+ * buffers, then one block of `per_thread` floats per thread. */
 typedef struct {
     const Layer *layers;
     int64_t n_layers, d, B, T, per_thread;
     const double *eps;
-    float *const *state;
+    void *const *state;
     const int64_t *cap, *pos;
     const float *norm_f;
     double eps_f;
@@ -130,7 +131,7 @@ static void step_thread(void *arg, int t, int nt) {
  * Returns 0, or -1 when scratch memory cannot be allocated or a layer exceeds the routing buffers
  * (nothing is written then). */
 int n3_decode_rows(const Layer *layers, int64_t n_layers, int64_t d, int64_t B, const float *const *x,
-                   const double *eps, float *const *state, const int64_t *cap, const int64_t *pos,
+                   const double *eps, void *const *state, const int64_t *cap, const int64_t *pos,
                    const float *norm_f, double eps_f, float *out, int64_t threads) {
     int64_t shared = 0, per = 0, ints = 0, T = 0;
     const int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
@@ -170,6 +171,12 @@ typedef struct {
 static void matmul_thread(void *arg, int t, int nt) {
     const MatJob *J = arg;
     mm_share(J->M, t, nt, J->X, J->M->cols, J->B, J->Y, J->M->rows, NULL, 0, J->tiles + t * 4 * J->M->cols);
+}
+
+/* n values of x [n] fp32 as a K/V cache of `bytes`-wide elements stores them (4 fp32, 2 bf16, 1 E4M3 of
+ * x / scale): the attention layer's own encoding, for tests against torch's. */
+void n3_kv_store(void *dst, const float *x, int64_t n, int64_t bytes, float scale) {
+    kv_store(dst, x, n, bytes, scale);
 }
 
 int n3_matmul(const Mat *M, const float *X, int64_t B, float *Y, int64_t threads) {
