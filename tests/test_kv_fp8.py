@@ -256,7 +256,9 @@ def test_kernel_kv_encoding_equals_torch_bit_for_bit():
     """The kernel's E4M3 encoding of x / scale gives `HybridCache.kv_store`'s bytes: every E4M3 value, every
     midpoint between neighbours (ties to even) and the fp32 values one ulp either side, subnormals and the
     underflow to +-0, +-0, 448 and beyond (saturated, inf too), NaN (0x7f with its sign), fp32 subnormals, 2M
-    random values of every magnitude and random bit patterns, at scales 1 and not 1; bf16 K/V likewise."""
+    random values of every magnitude and random bit patterns, at scales 1 and not 1; bf16 K/V likewise. Its
+    decoding (vectorised 8 codes at a time, the table for the rest) gives `kv_load`'s floats for all 256 codes,
+    bit for bit (NaN codes: NaN)."""
     codes = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     vals = codes[torch.isfinite(codes)].unique()
     mids = (vals[1:] + vals[:-1]) / 2                                # ties: 0 vs 2^-9 / 2 included
@@ -277,6 +279,16 @@ def test_kernel_kv_encoding_equals_torch_bit_for_bit():
         [0x7e, 0x7e, 0x7f, 0xff, 0x80]
     want = HybridCache(cfg, 1, 1, kv_dtype=torch.bfloat16).kv_store(0, x, x)[0].view(torch.int16)
     assert torch.equal(_kernel_store(x, 2, 1.0), want)
+    lib = native_library()
+    for scale in (1.0, 0.0371, 3.3):
+        cache = HybridCache(cfg, 1, 1, kv_dtype=FP8, kv_scales={0: (scale, 1.0)})
+        for codes in (torch.arange(256, dtype=torch.uint8), torch.arange(255, -1, -1, dtype=torch.uint8)[:251]):
+            got = torch.empty(codes.numel())
+            lib.n3_kv_load(got.data_ptr(), codes.data_ptr(), codes.numel(), 1, scale)
+            want = cache.kv_load(0, codes.view(FP8), codes.view(FP8))[0]
+            nan = want.isnan()                                         # 0x7f, 0xff (the payload may differ)
+            assert torch.equal(got.isnan(), nan) and nan.sum() == 2
+            assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32)), scale     # -0 too
 
 
 def _two_scale_model():

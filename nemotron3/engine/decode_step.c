@@ -173,10 +173,16 @@ static void matmul_thread(void *arg, int t, int nt) {
     mm_share(J->M, t, nt, J->X, J->M->cols, J->B, J->Y, J->M->rows, NULL, 0, J->tiles + t * 4 * J->M->cols);
 }
 
-/* n values of x [n] fp32 as a K/V cache of `bytes`-wide elements stores them (4 fp32, 2 bf16, 1 E4M3 of
- * x / scale): the attention layer's own encoding, for tests against torch's. */
+/* The attention layer's own K/V encoding and decoding, for tests against torch's: n values of x [n] fp32 as a
+ * cache of `bytes`-wide elements stores them (4 fp32, 2 bf16, 1 E4M3 of x / scale), and n stored values as
+ * fp32 (E4M3 times scale). */
 void n3_kv_store(void *dst, const float *x, int64_t n, int64_t bytes, float scale) {
     kv_store(dst, x, n, bytes, scale);
+}
+
+void n3_kv_load(float *dst, const void *src, int64_t n, int64_t bytes, float scale) {
+    const float *x = kv_load(src, n, bytes, scale, dst);
+    if (x != dst) memcpy(dst, x, (size_t)n * sizeof(float));
 }
 
 int n3_matmul(const Mat *M, const float *X, int64_t B, float *Y, int64_t threads) {
