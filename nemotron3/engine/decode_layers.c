@@ -88,8 +88,8 @@ static void mamba_layer(const Step *S, const Layer *L, int64_t li, int t, int nt
 
 /* ---------------------------------------------------------------------------------------------- attention
  * K/V elements as the cache stores them (Layer n[3] bytes): 4 fp32; 2 bf16 (round to nearest even, NaN 0xffff,
- * as torch's CPU .to(bfloat16)); 1 FP8 E4M3 of x / scale (HybridCache.kv_store: saturated to +-448, round to nearest even,
- * NaN -> 0x7f with its sign, as torch's .to(float8_e4m3fn)), read back as E4M3[code] * scale. */
+ * as torch's CPU .to(bfloat16)); 1 FP8 E4M3 of x / scale (HybridCache.kv_store: saturated to +-448, round to
+ * nearest even, NaN -> 0x7f with its sign, as torch's .to(float8_e4m3fn)), read back as E4M3[code] * scale. */
 static inline uint32_t f2u(float x) {
     union { float f; uint32_t u; } c = {x};
     return c.u;

@@ -24,8 +24,8 @@ size. Without a compiler (or with NEMOTRON3_NATIVE=0) the torch version runs; bo
 the full forward.
 
 K/V are read and written as the cache stores them: fp32, bf16 or FP8 E4M3 (`HybridCache.kv_store` /
-`kv_load`; the kernel encodes the same bytes: `x / scale` saturated to +-448, round to nearest even, and reads
-a 256-entry table times the layer's scale).
+`kv_load`; the kernel writes the same bytes, `x / scale` saturated to +-448 and rounded to nearest even, and
+reads the codes' values times the layer's scale: a 256-entry table, or F16C 8 codes at a time).
 
 Numerics are the generic path's up to fp32 summation order (tests compare with the full forward at
 1e-4). The copies double the memory of the weights, so the engine builds a plan only for fp32 CPU

@@ -4,7 +4,8 @@
  * The Python plan (`DecodePlan._step_torch`) spends about two thirds of a pico-sized step in framework
  * overhead (~600 ATen calls of 2-6 us each). This file runs the same math as plain loops on the model's
  * own tensors: linears and routed experts as `Mat`s (fp32, bf16, FP8 E4M3 per-tensor or NVFP4, decoded in
- * registers: decode_mat.c), the small vectors (norm weights, biases, conv taps, dt_bias, A, D) as fp32.
+ * registers: decode_mat.c), the small vectors (norm weights, biases, conv taps, dt_bias, A, D) as fp32, the
+ * K/V cache as it stores them (fp32, bf16 or FP8 E4M3 with per-layer scales: decode_layers.c).
  * Each weight is read once per call for all B rows (a row is one sequence, at its own position in its own
  * cache slot); routed experts run once per expert on the rows that chose it.
  *
