@@ -1,8 +1,11 @@
 """FP8 E4M3 KV cache: quantize on write / dequantize on read, closeness to bf16 K/V on the trained pico model,
 checkpoints declaring kv_cache_quant_algo FP8 (written by `quantize --kv-cache-dtype fp8`, loaded with their
-k_scale / v_scale), the engine's kv_cache_dtype flag with prefix caching and speculative decoding, info bytes."""
+k_scale / v_scale), the engine's kv_cache_dtype flag with prefix caching and speculative decoding, info bytes;
+the decode plan (C kernel and torch ops) on FP8 / bf16 K/V: the kernel's encoding bit for bit against torch's,
+the same cache bytes and logits as the full forward."""
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,17 +14,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine_utils import agreeing_model, one_thread, tiny_model  # noqa: F401
-from helpers import randomize
+from helpers import randomize, small_config
 from nemotron3 import NemotronHForCausalLM
 from nemotron3.checkpoint import CheckpointError, load, save
 from nemotron3.cli import main as cli_main
 from nemotron3.engine import LLM, SamplingParams
+from nemotron3.engine.decode_plan import DecodePlan
+from nemotron3.engine.native import native_library
 from nemotron3.model.attention import Attention
 from nemotron3.model.cache import FP8, HybridCache
 from nemotron3.presets import get_preset
 from nemotron3.quant.quantize import quantize_model
 
 PICO = Path(__file__).resolve().parent.parent / "models" / "pico"
+HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -109,14 +116,14 @@ def _manual_greedy(model, prompt, n, kind):
 
 
 def test_engine_fp8_prefix_cache_and_speculative_match_plain_fp8():
-    """The engine stores FP8 K/V (auto from the model's scales, or forced), decodes through the batched forward,
-    and its greedy tokens equal a hand-run FP8 cache's; prefix-cache hits (snapshots of FP8 bytes) and MTP
+    """The engine stores FP8 K/V (auto from the model's scales, or forced), decodes through the decode plan, and
+    its greedy tokens equal a hand-run FP8 cache's (full forwards); prefix-cache hits (snapshots of FP8 bytes) and MTP
     speculative decoding (rollback by length) give the same tokens as plain FP8 decoding."""
     model = _with_scales(agreeing_model(vocab=64), 0.05, 0.05)
     shared = [7, 3, 9, 11, 13, 2, 5, 8, 21, 34, 55, 4]
     prompts = [shared + [1, 2], shared + [6]]
     llm, plain = _engine_run(model, prompts, enable_prefix_caching=False)
-    assert llm.engine.cache.k[1].dtype == FP8 and "batched forward" in llm.engine.decode_path()
+    assert llm.engine.cache.k[1].dtype == FP8 and llm.engine.fast_decode
     assert plain == [_manual_greedy(model, p, 10, "fp8") for p in prompts]
     llm, cached = _engine_run(model, [prompts[0]])
     assert cached[0] == plain[0]
@@ -235,3 +242,126 @@ def test_nvidia_layout_scales_and_bad_kv_declarations(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="unexpected"):
         load(tmp_path)
+
+
+def _kernel_store(x: torch.Tensor, nbytes: int, scale: float) -> torch.Tensor:
+    """x [n] fp32 as the C kernel's attention layer stores K/V of `nbytes`-wide elements (n3_kv_store)."""
+    out = torch.empty(x.numel(), dtype={2: torch.int16, 1: torch.uint8}[nbytes])
+    native_library().n3_kv_store(out.data_ptr(), x.contiguous().data_ptr(), x.numel(), nbytes, scale)
+    return out
+
+
+@needs_cc
+def test_kernel_kv_encoding_equals_torch_bit_for_bit():
+    """The kernel's E4M3 encoding of x / scale gives `HybridCache.kv_store`'s bytes: every E4M3 value, every
+    midpoint between neighbours (ties to even) and the fp32 values one ulp either side, subnormals and the
+    underflow to +-0, +-0, 448 and beyond (saturated, inf too), NaN (0x7f with its sign), fp32 subnormals, 2M
+    random values of every magnitude and random bit patterns, at scales 1 and not 1; bf16 K/V likewise. Its
+    decoding (vectorised 8 codes at a time, the table for the rest) gives `kv_load`'s floats for all 256 codes,
+    bit for bit (NaN codes: NaN)."""
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    vals = codes[torch.isfinite(codes)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2                                # ties: 0 vs 2^-9 / 2 included
+    near = torch.cat([vals, mids, -mids])
+    bits = near.view(torch.int32)
+    edge = torch.tensor([0.0, -0.0, 448, -448, 464, 479.99, 480, 500, 1e30, -1e30, float("inf"), -float("inf"),
+                         float("nan"), -float("nan"), 2 ** -10, -2 ** -10, 3 * 2 ** -10, 2 ** -11, 1e-40, -1e-45])
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(1_000_000, generator=g) * torch.exp(torch.randn(1_000_000, generator=g) * 4)
+    pattern = torch.randint(-2 ** 31, 2 ** 31 - 1, (1_000_000,), generator=g, dtype=torch.int32).view(torch.float32)
+    x = torch.cat([near, (bits + 1).view(torch.float32), (bits - 1).view(torch.float32), edge, wide, pattern])
+    cfg = small_config("*")
+    for scale in (1.0, 0.02, 0.0371, 3.3, 1e-3):
+        cache = HybridCache(cfg, 1, 1, kv_dtype=FP8, kv_scales={0: (scale, 1.0)})
+        want = cache.kv_store(0, x, x)[0].view(torch.uint8)
+        assert torch.equal(_kernel_store(x, 1, scale), want), scale
+    assert _kernel_store(torch.tensor([448.0, 1e9, float("nan"), -float("nan"), -0.0]), 1, 1.0).tolist() == \
+        [0x7e, 0x7e, 0x7f, 0xff, 0x80]
+    want = HybridCache(cfg, 1, 1, kv_dtype=torch.bfloat16).kv_store(0, x, x)[0].view(torch.int16)
+    assert torch.equal(_kernel_store(x, 2, 1.0), want)
+    lib = native_library()
+    for scale in (1.0, 0.0371, 3.3):
+        cache = HybridCache(cfg, 1, 1, kv_dtype=FP8, kv_scales={0: (scale, 1.0)})
+        for codes in (torch.arange(256, dtype=torch.uint8), torch.arange(255, -1, -1, dtype=torch.uint8)[:251]):
+            got = torch.empty(codes.numel())
+            lib.n3_kv_load(got.data_ptr(), codes.data_ptr(), codes.numel(), 1, scale)
+            want = cache.kv_load(0, codes.view(FP8), codes.view(FP8))[0]
+            nan = want.isnan()                                         # 0x7f, 0xff (the payload may differ)
+            assert torch.equal(got.isnan(), nan) and nan.sum() == 2
+            assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32)), scale     # -0 too
+
+
+def _two_scale_model():
+    """Two attention layers (1 and 6) with their own K/V scales != 1: some keys saturate at 448 (|k| > 0.9 in
+    layer 1, > 0.36 in 6: this model's |K| reaches ~1.2), small values go subnormal."""
+    torch.manual_seed(0)
+    model = randomize(NemotronHForCausalLM(small_config("M*EM-E*M", moe_latent_size=16)).eval(), 2)
+    for i, (k, v) in ((1, (0.002, 0.003)), (6, (0.0008, 0.05))):
+        model.backbone.layers[i].mixer.k_scale, model.backbone.layers[i].mixer.v_scale = k, v
+    return model
+
+
+@pytest.mark.parametrize("kv", ["fp8", "bfloat16"])
+@pytest.mark.parametrize("backend,threads", [pytest.param("native", 1, marks=needs_cc),
+                                             pytest.param("native", 2, marks=needs_cc), ("torch", 1)])
+def test_plan_on_fp8_kv_equals_full_forward(kv, backend, threads):
+    """The decode plan on an FP8 (or bf16) K/V cache, one row and three rows at their own positions, against the
+    full forward on a second cache of the same kind: every step's logits equal at 1e-4 (fp32 summation order);
+    the K/V bytes they leave are identical except where the two fp32 values (~1e-7 apart) straddle a rounding
+    boundary: there the codes are the boundary's two neighbours and the forward's value lies within 1e-6 of it.
+    (With layer 1's v_scale 0.003 a subnormal step is 6e-6: one such element of ~1000 here.)"""
+    model = _two_scale_model()
+    plan = DecodePlan(model, native=backend == "native", threads=threads)
+    if backend == "native":
+        plan._step_torch = None                                      # every step must run in the kernel
+    ids = torch.randint(12, 96, (3, 22), generator=torch.Generator().manual_seed(5))
+    for starts, slots in (([6], [1]), ([3, 9, 1], [2, 0, 1])):
+        caches = [HybridCache.for_model(model, 3, 4, kv) for _ in range(2)]       # K/V capacity grows too
+        assert caches[0].kv_scales[6] == ((0.0008, 0.05) if kv == "fp8" else (1.0, 1.0))
+        ref = {(i, x): torch.zeros(3, 2, 32, 8) for i in (1, 6) for x in "kv"}  # the forward's fp32 K/V
+        with torch.no_grad():
+            for cache in caches:
+                for b, (t0, slot) in enumerate(zip(starts, slots)):
+                    model(ids[b:b + 1, :t0], cache, slots=[slot])
+            for step in range(12):
+                toks = [int(ids[b, t0 + step]) for b, t0 in enumerate(starts)]
+                got = model.logits(plan.step_rows(toks, caches[0], slots))
+                want = []
+                for t, s in zip(toks, slots):
+                    pos = int(caches[1].lengths[s])
+                    hooks = [getattr(model.backbone.layers[i].mixer, f"{x}_proj").register_forward_hook(
+                        lambda m, a, out, key=(i, x): ref[key][s, :, pos].copy_(out.view(2, 8))) for i, x in ref]
+                    want.append(model(torch.tensor([[t]]), caches[1], slots=[s])[:, -1])
+                    for h in hooks:
+                        h.remove()
+                torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-4)
+        assert torch.equal(caches[0].lengths, caches[1].lengths)
+        n = int(caches[0].lengths.max())
+        for (i, x), fp32 in ref.items():
+            a, b = (getattr(c, x)[i][:, :, :n] for c in caches)
+            assert a.dtype == b.dtype == (FP8 if kv == "fp8" else torch.bfloat16)
+            diff = a.view(torch.uint8) != b.view(torch.uint8)
+            if kv == "bfloat16":
+                diff = diff.view(*a.shape, 2).any(-1)
+            mid = (a[diff].float() + b[diff].float()) / 2 * caches[1].kv_scales[i]["kv".index(x)]
+            assert diff.sum() <= 2 and torch.all((fp32[:, :, :n][diff] - mid).abs() < 1e-6), (i, x, diff.sum())
+        if kv == "fp8":
+            codes = caches[0].k[6][:, :, :n].view(torch.uint8) & 0x7f
+            assert (codes == 0x7e).any() and (codes < 8).any()        # saturated and subnormal codes occur
+
+
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=needs_cc)])
+def test_engine_fast_decode_on_fp8_kv_equals_full_forward(threads):
+    """The engine with an FP8 cache: greedy tokens and their logprobs through the decode plan (the C kernel for one
+    and for three sequences) equal `fast_decode=False` (the batched full forward) on the same FP8 cache."""
+    model = _two_scale_model()
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 3]]
+    runs = {}
+    for fast in (True, False):
+        llm = LLM(model, max_num_seqs=3, threads=threads, fast_decode=fast, enable_prefix_caching=False)
+        assert llm.engine.cache.k[1].dtype == FP8 and ("C kernel" in llm.engine.decode_path()) == (fast and HAVE_CC)
+        runs[fast] = [o.outputs[0] for o in llm.generate(prompts, params) + llm.generate(prompts[:1], params)]
+    for a, b in zip(runs[True], runs[False]):
+        assert a.token_ids == b.token_ids
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)

@@ -17,7 +17,7 @@ static void layer_scratch(const Layer *L, int64_t d, int64_t B, int64_t T, int64
     *ints = 0;
     switch (L->kind) {
     case MAMBA: *shared = B * (n[0] + n[1] + n[2] + n[1] + n[0]); break;
-    case ATTENTION: *shared = B * ((n[0] + 2 * n[1]) * n[2] + n[0] * n[2]); *per += (n[0] / n[1]) * T; break;
+    case ATTENTION: *shared = B * ((n[0] + 2 * n[1]) * n[2] + n[0] * n[2]); *per += n[2] + (n[0] / n[1]) * T; break;
     case MOE:
         *shared = B * (n[0] + n[1] + n[4]) + B * n[5] * (n[3] + 1);
         *per += n[0] + B * (2 * n[3] + n[2] + 1);
@@ -87,11 +87,79 @@ static void mamba_layer(const Step *S, const Layer *L, int64_t li, int t, int nt
 }
 
 /* ---------------------------------------------------------------------------------------------- attention
- * A row's K/V are its slot's [kv heads, cap, head_dim]; the new key/value go to its position. */
+ * K/V elements as the cache stores them (Layer n[3] bytes): 4 fp32; 2 bf16 (round to nearest even, NaN 0xffff,
+ * as torch's CPU .to(bfloat16)); 1 FP8 E4M3 of x / scale (HybridCache.kv_store: saturated to +-448, round to
+ * nearest even, NaN -> 0x7f with its sign, as torch's .to(float8_e4m3fn)), read back as E4M3[code] * scale. */
+static inline uint32_t f2u(float x) {
+    union { float f; uint32_t u; } c = {x};
+    return c.u;
+}
+
+static inline uint16_t bf16_encode(float x) {
+    const uint32_t u = f2u(x);
+    if ((u & 0x7fffffff) > 0x7f800000) return 0xffff;                 /* NaN: as torch's CPU cast */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* In integer arithmetic after the division: the compiler's reassociation flags cannot change a rounding. */
+static inline uint8_t e4m3_encode(float x) {
+    const uint32_t u = f2u(x), sign = (u >> 24) & 0x80;
+    uint32_t a = u & 0x7fffffff;
+    if (a > 0x7f800000) return (uint8_t)(sign | 0x7f);
+    if (a > 0x43e00000) a = 0x43e00000;                          /* |x| > 448: 448 */
+    if (a < (121u << 23)) {                                      /* below 2^-6: subnormal steps of 2^-9 */
+        const uint32_t e = a >> 23, shift = 141 - e;             /* value / 2^-9 = mant >> shift */
+        if (e == 0 || shift > 24) return (uint8_t)sign;          /* below 2^-10 (or fp32 subnormal): +-0 */
+        const uint32_t mant = (a & 0x7fffff) | 0x800000, q = mant >> shift, rem = mant & ((1u << shift) - 1);
+        const uint32_t half = 1u << (shift - 1);
+        return (uint8_t)(sign | (q + (rem > half || (rem == half && (q & 1)))));
+    }
+    a += ((uint32_t)(7 - 127) << 23) + 0x7ffff + ((a >> 20) & 1);  /* rebias, round the 20 dropped bits */
+    return (uint8_t)(sign | (a >> 20));
+}
+
+/* n values of x stored at dst in the `bytes`-wide format (scale: E4M3's). */
+static void kv_store(void *dst, const float *x, int64_t n, int64_t bytes, float scale) {
+    if (bytes == 4) memcpy(dst, x, (size_t)n * sizeof(float));
+    else if (bytes == 2)
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = bf16_encode(x[i]);
+    else
+        for (int64_t i = 0; i < n; i++) ((uint8_t *)dst)[i] = e4m3_encode(x[i] / scale);
+}
+
+/* n stored values at src as floats: src itself (fp32) or decoded into buf. E4M3 with AVX2 + F16C: 8 codes at a
+ * time as fp16 (value * 2^-8, as decode_mat's load16) times 256 scale, NaN codes blended in: the table's values
+ * times the scale bit for bit (one rounding of the same product), without a lookup per element. */
+static const float *kv_load(const void *src, int64_t n, int64_t bytes, float scale, float *buf) {
+    const uint8_t *c = src;
+    int64_t i = 0;
+    if (bytes == 4) return src;
+    if (bytes == 2) {
+        for (; i < n; i++) buf[i] = bf16f(((const uint16_t *)src)[i]);
+        return buf;
+    }
+#if N3_AVX2
+    const __m256 s = _mm256_set1_ps(scale * 256.0f), nan = _mm256_set1_ps(NAN);
+    const __m128i low7 = _mm_set1_epi16(0x7f);
+    for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(c + i)));
+        const __m128i mag = _mm_and_si128(h, low7);
+        const __m128i f = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_xor_si128(h, mag), 8));
+        const __m256 isnan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, low7)));
+        _mm256_storeu_ps(buf + i, _mm256_blendv_ps(_mm256_mul_ps(_mm256_cvtph_ps(f), s), nan, isnan));
+    }
+#endif
+    for (; i < n; i++) buf[i] = E4M3[c[i]] * scale;
+    return buf;
+}
+
+/* A row's K/V are its slot's [kv heads, cap, head_dim] of n[3]-byte elements; the new key/value go to its
+ * position. */
 static void attention_layer(const Step *S, const Layer *L, int64_t li, int t, int nt, float *priv) {
-    const int64_t nq = L->n[0], nkv = L->n[1], hd = L->n[2], rep = nq / nkv, QW = (nq + 2 * nkv) * hd;
-    const int64_t d = S->d, B = S->B;
-    float *qkv = S->buf, *o = qkv + B * QW, *sc = priv + 4 * max_cols(L);
+    const int64_t nq = L->n[0], nkv = L->n[1], hd = L->n[2], el = L->n[3], rep = nq / nkv;
+    const int64_t QW = (nq + 2 * nkv) * hd, d = S->d, B = S->B;
+    const float ks = (float)L->f[0], vs = (float)L->f[1];
+    float *qkv = S->buf, *o = qkv + B * QW, *row = priv + 4 * max_cols(L), *sc = row + hd;
     int64_t a, e;
     mm_share(&L->m[0], t, nt, S->xn, d, B, qkv, QW, NULL, 0, priv);
     mm_share(&L->m[1], t, nt, S->xn, d, B, qkv + nq * hd, QW, NULL, 0, priv);
@@ -100,14 +168,16 @@ static void attention_layer(const Step *S, const Layer *L, int64_t li, int t, in
     share(B * nkv, t, nt, 1, &a, &e);
     for (int64_t it = a; it < e; it++) {                 /* the group's query heads share one pass over K/V */
         const int64_t b = it / nkv, g = it % nkv, cap = S->cap[li], pos = S->pos[b], T = pos + 1;
-        float *kg = S->state[2 * (b * S->n_layers + li)] + g * cap * hd;
-        float *vg = S->state[2 * (b * S->n_layers + li) + 1] + g * cap * hd;
+        char *kg = (char *)S->state[2 * (b * S->n_layers + li)] + g * cap * hd * el;
+        char *vg = (char *)S->state[2 * (b * S->n_layers + li) + 1] + g * cap * hd * el;
         const float *q = qkv + b * QW;
-        memcpy(kg + pos * hd, q + (nq + g) * hd, (size_t)hd * sizeof(float));
-        memcpy(vg + pos * hd, q + (nq + nkv + g) * hd, (size_t)hd * sizeof(float));
+        kv_store(kg + pos * hd * el, q + (nq + g) * hd, hd, el, ks);
+        kv_store(vg + pos * hd * el, q + (nq + nkv + g) * hd, hd, el, vs);
         const float scale = 1.0f / sqrtf((float)hd);
-        for (int64_t tt = 0; tt < T; tt++)
-            for (int64_t j = 0; j < rep; j++) sc[j * T + tt] = scale * dot(q + (g * rep + j) * hd, kg + tt * hd, hd);
+        for (int64_t tt = 0; tt < T; tt++) {
+            const float *kt = kv_load(kg + tt * hd * el, hd, el, ks, row);
+            for (int64_t j = 0; j < rep; j++) sc[j * T + tt] = scale * dot(q + (g * rep + j) * hd, kt, hd);
+        }
         float *ob = o + b * nq * hd + g * rep * hd;
         memset(ob, 0, (size_t)(rep * hd) * sizeof(float));
         for (int64_t j = 0; j < rep; j++) {
@@ -116,12 +186,14 @@ static void attention_layer(const Step *S, const Layer *L, int64_t li, int t, in
             for (int64_t tt = 0; tt < T; tt++) tot += (sj[tt] = expf(sj[tt] - mx));
             for (int64_t tt = 0; tt < T; tt++) sj[tt] /= tot;
         }
-        for (int64_t tt = 0; tt < T; tt++)
+        for (int64_t tt = 0; tt < T; tt++) {
+            const float *restrict vt = kv_load(vg + tt * hd * el, hd, el, vs, row);
             for (int64_t j = 0; j < rep; j++) {
                 float *restrict oj = ob + j * hd;
-                const float p = sc[j * T + tt], *restrict vt = vg + tt * hd;
+                const float p = sc[j * T + tt];
                 for (int64_t k = 0; k < hd; k++) oj[k] += p * vt[k];
             }
+        }
     }
     barrier(nt);
     mm_share(&L->m[3], t, nt, o, nq * hd, B, S->h, d, NULL, 1, priv);

@@ -23,6 +23,10 @@ on first use with the system C compiler and called through ctypes: 3x faster tha
 size. Without a compiler (or with NEMOTRON3_NATIVE=0) the torch version runs; both are tested against
 the full forward.
 
+K/V are read and written as the cache stores them: fp32, bf16 or FP8 E4M3 (`HybridCache.kv_store` /
+`kv_load`; the kernel writes the same bytes, `x / scale` saturated to +-448 and rounded to nearest even, and
+reads the codes' values times the layer's scale: a 256-entry table, or F16C 8 codes at a time).
+
 Numerics are the generic path's up to fp32 summation order (tests compare with the full forward at
 1e-4). The copies double the memory of the weights, so the engine builds a plan only for fp32 CPU
 models of at most MAX_WEIGHT_BYTES, and rebuilds it whenever a weight changes (its identity or in-place
@@ -43,12 +47,14 @@ from torch import nn
 from ..quant.linear import BF16Linear, FP8Linear, NVFP4Linear
 from ..quant.quantize import NVFP4Experts
 from ..model.attention import Attention
+from ..model.cache import FP8 as FP8_KV
 from ..model.mamba2 import Mamba2Mixer
 from ..model.moe import Experts, LatentMoE, MLP, TopkRouter
 from ..model.norm import GatedRMSNorm, RMSNorm
 
 
 LINEARS = (nn.Linear, NVFP4Linear, FP8Linear, BF16Linear)
+KV_BYTES = {torch.float32: 4, torch.bfloat16: 2, FP8_KV: 1}     # K/V storage the C kernel reads and writes
 
 
 def _weight(mod) -> torch.Tensor:
@@ -273,7 +279,7 @@ class DecodePlan:
             if kind == "M":
                 h = self._mamba_step(h, s, p, cache.conv[i][slot], cache.ssm[i][slot])
             elif kind == "*":
-                h = self._attn_step(h, s, p, cache.k[i], cache.v[i], slot, pos)
+                h = self._attn_step(h, s, p, cache, i, slot, pos)
             elif kind == "E":
                 h = self._moe_step(h, s, p)
             else:
@@ -317,14 +323,17 @@ class DecodePlan:
         out = h if p["b_out"] is None else h + p["b_out"]
         return torch.addmm(out, y, p["W_out"])
 
-    def _attn_step(self, h, s, p, kb, vb, slot, pos):
+    def _attn_step(self, h, s, p, cache, i, slot, pos):
+        """Attention layer `i`: the new K/V stored at `pos` of `slot` as the cache stores them (`kv_store`: the
+        storage dtype, FP8 quantized), all `pos + 1` read back as attention reads them (`kv_load`)."""
         W, Wo, nq, nkv, hd = p
         qkv = torch.mm(h, W).mul_(s)[0]
-        kb[slot, :, pos] = qkv[nq * hd:(nq + nkv) * hd].view(nkv, hd)
-        vb[slot, :, pos] = qkv[(nq + nkv) * hd:].view(nkv, hd)
+        k, v = cache.kv_store(i, qkv[nq * hd:(nq + nkv) * hd].view(nkv, hd), qkv[(nq + nkv) * hd:].view(nkv, hd))
+        kb, vb = cache.k[i], cache.v[i]
+        kb[slot, :, pos], vb[slot, :, pos] = k, v
         q = qkv[:nq * hd].view(1, nkv, nq // nkv, hd)
-        end = pos + 1
-        o = F.scaled_dot_product_attention(q, kb[slot:slot + 1, :, :end], vb[slot:slot + 1, :, :end])
+        keys, values = cache.kv_load(i, kb[slot:slot + 1, :, :pos + 1], vb[slot:slot + 1, :, :pos + 1])
+        o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype))
         return torch.addmm(h, o.view(1, nq * hd), Wo)
 
     def _moe_step(self, h, s, p):
@@ -441,17 +450,21 @@ class DecodePlan:
         for j, (kind, i) in enumerate(self.kinds):
             if kind == "M":
                 a, b = cache.conv[i], cache.ssm[i]
-                ok = (a.shape[1:], b.shape[1:]) == c["shapes"][j]
+                ok = (a.shape[1:], b.shape[1:]) == c["shapes"][j] and a.dtype == torch.float32
             elif kind == "*":
                 a, b = cache.k[i], cache.v[i]
-                ok = (a.shape[1], a.shape[3]) == c["shapes"][j] and b.shape == a.shape
+                ok = (a.shape[1], a.shape[3]) == c["shapes"][j] and b.shape == a.shape and a.dtype in KV_BYTES
+                if ok:                                   # the layer's K/V format: element bytes, E4M3 scales
+                    L = c["layers"][j]
+                    L.n[3] = KV_BYTES[a.dtype]
+                    L.f[0], L.f[1] = cache.kv_scales[i] if a.dtype == FP8_KV else (1.0, 1.0)
                 cap[j] = a.shape[2]
             else:
                 continue
-            if not (ok and cache.num_slots <= a.shape[0] and a.dtype == b.dtype == torch.float32
+            if not (ok and cache.num_slots <= a.shape[0] and a.dtype == b.dtype
                     and a.is_contiguous() and b.is_contiguous()):
                 return None
-            pa, pb, sa, sb = a.data_ptr(), b.data_ptr(), a.stride(0) * 4, b.stride(0) * 4
+            pa, pb, sa, sb = a.data_ptr(), b.data_ptr(), a.stride(0) * a.element_size(), b.stride(0) * b.element_size()
             for r, slot in enumerate(slots):
                 state[2 * (r * nl + j)] = pa + slot * sa
                 state[2 * (r * nl + j) + 1] = pb + slot * sb

@@ -4,7 +4,8 @@
  * The Python plan (`DecodePlan._step_torch`) spends about two thirds of a pico-sized step in framework
  * overhead (~600 ATen calls of 2-6 us each). This file runs the same math as plain loops on the model's
  * own tensors: linears and routed experts as `Mat`s (fp32, bf16, FP8 E4M3 per-tensor or NVFP4, decoded in
- * registers: decode_mat.c), the small vectors (norm weights, biases, conv taps, dt_bias, A, D) as fp32.
+ * registers: decode_mat.c), the small vectors (norm weights, biases, conv taps, dt_bias, A, D) as fp32, the
+ * K/V cache as it stores them (fp32, bf16 or FP8 E4M3 with per-layer scales: decode_layers.c).
  * Each weight is read once per call for all B rows (a row is one sequence, at its own position in its own
  * cache slot); routed experts run once per expert on the rows that chose it.
  *
@@ -33,7 +34,8 @@ enum { MAMBA = 0, ATTENTION = 1, MOE = 2, MLP = 3 };
  *              dt_min?, limit?          f: dt_min, limit lo, limit hi, gated-norm eps
  *           v: block norm, in bias, conv taps [K (+1 bias row), C], dt_bias, A = -exp(A_log), D,
  *              gated-norm weight, out bias          m: in_proj, out_proj
- * Attention n: query heads, kv heads, head_dim   v: block norm   m: q, k, v, o
+ * Attention n: query heads, kv heads, head_dim, K/V element bytes (4 fp32, 2 bf16, 1 FP8 E4M3)
+ *           f: k_scale, v_scale (E4M3)   v: block norm   m: q, k, v, o
  * MoE       n: experts E, latent Lt (0: none), expert intermediate I, expert input lin, shared S, top_k,
  *              n_group, topk_group, norm_topk_prob          f: routed_scaling_factor
  *           v: block norm, e_score_correction_bias, fc1_latent bias, shared up bias, fc2_latent bias,
@@ -48,14 +50,14 @@ typedef struct {
     const Mat *m;
 } Layer;
 
-/* One call: B rows; row b's layer-i state is state[2 (b L + i)] and the next pointer ((conv, ssm) or
- * (K, V) of its cache slot), K/V capacity cap[i], position pos[b]. Scratch: shared buffers, then one
- * block of `per_thread` floats per thread. */
+/* One call: B rows; row b's layer-i state is state[2 (b L + i)] and the next pointer ((conv, ssm) fp32 or
+ * (K, V) in the layer's K/V format, of its cache slot), K/V capacity cap[i], position pos[b]. Scratch: shared
+ * buffers, then one block of `per_thread` floats per thread. */
 typedef struct {
     const Layer *layers;
     int64_t n_layers, d, B, T, per_thread;
     const double *eps;
-    float *const *state;
+    void *const *state;
     const int64_t *cap, *pos;
     const float *norm_f;
     double eps_f;
@@ -130,7 +132,7 @@ static void step_thread(void *arg, int t, int nt) {
  * Returns 0, or -1 when scratch memory cannot be allocated or a layer exceeds the routing buffers
  * (nothing is written then). */
 int n3_decode_rows(const Layer *layers, int64_t n_layers, int64_t d, int64_t B, const float *const *x,
-                   const double *eps, float *const *state, const int64_t *cap, const int64_t *pos,
+                   const double *eps, void *const *state, const int64_t *cap, const int64_t *pos,
                    const float *norm_f, double eps_f, float *out, int64_t threads) {
     int64_t shared = 0, per = 0, ints = 0, T = 0;
     const int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
@@ -170,6 +172,18 @@ typedef struct {
 static void matmul_thread(void *arg, int t, int nt) {
     const MatJob *J = arg;
     mm_share(J->M, t, nt, J->X, J->M->cols, J->B, J->Y, J->M->rows, NULL, 0, J->tiles + t * 4 * J->M->cols);
+}
+
+/* The attention layer's own K/V encoding and decoding, for tests against torch's: n values of x [n] fp32 as a
+ * cache of `bytes`-wide elements stores them (4 fp32, 2 bf16, 1 E4M3 of x / scale), and n stored values as
+ * fp32 (E4M3 times scale). */
+void n3_kv_store(void *dst, const float *x, int64_t n, int64_t bytes, float scale) {
+    kv_store(dst, x, n, bytes, scale);
+}
+
+void n3_kv_load(float *dst, const void *src, int64_t n, int64_t bytes, float scale) {
+    const float *x = kv_load(src, n, bytes, scale, dst);
+    if (x != dst) memcpy(dst, x, (size_t)n * sizeof(float));
 }
 
 int n3_matmul(const Mat *M, const float *X, int64_t B, float *Y, int64_t threads) {

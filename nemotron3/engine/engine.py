@@ -159,9 +159,9 @@ class LLMEngine:
         self._touched: dict[str, None] = {}
         self._finished: list[Sequence] = []
         # batch-1 decode fast path (decode_plan.py), built on first use for fp32 CPU models; the full
-        # weight check (parameters replaced, not only updated) runs once per added request
-        # (the plan reads and writes K/V in the activation dtype: other K/V storage takes the batched forward)
-        self.fast_decode = fast_decode and self.cache.kv_dtype == self.cache.dtype
+        # weight check (parameters replaced, not only updated) runs once per added request. It reads and
+        # writes K/V as the cache stores them (fp32, bf16, FP8 E4M3 with the cache's scales).
+        self.fast_decode = fast_decode
         self._plan: DecodePlan | None = None
         self._plan_full_check = True
         self.grammars = None if tokenizer is None else Grammars(self._detok_backend, cfg.vocab_size, self.eos_ids)

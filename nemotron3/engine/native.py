@@ -61,7 +61,7 @@ def _cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def native_library():
-    """decode_step.c (`n3_decode_rows`, `n3_matmul`; it includes decode_mat.c, decode_pool.c and
+    """decode_step.c (`n3_decode_rows`, `n3_matmul`, `n3_kv_store` / `n3_kv_load`; it includes decode_mat.c, decode_pool.c and
     decode_layers.c) compiled on first use with the system C compiler ($CC, cc or gcc) into
     $NEMOTRON3_CACHE/native (default ~/.cache/nemotron3/native; one file per sources, flags and CPU, written
     atomically), or None: NEMOTRON3_NATIVE=0, no compiler, or a failed build (warned)."""
@@ -95,6 +95,9 @@ def native_library():
         lib.n3_decode_rows.restype = ctypes.c_int
         lib.n3_matmul.argtypes = [P, P, I64, P, I64]
         lib.n3_matmul.restype = ctypes.c_int
+        for fn in (lib.n3_kv_store, lib.n3_kv_load):
+            fn.argtypes = [P, P, I64, I64, ctypes.c_float]
+            fn.restype = None
         return lib
     return None
 
