@@ -1,39 +1,30 @@
-"""Batch-1 decode fast path: one new token for one cache slot, with as few tensor ops as possible.
+"""Small-batch decode fast path: one new token for each of a few cache slots, with as few ops as possible.
 
 At batch 1 a decode step is ~64 GEMVs and a few hundred tiny element-wise ops. On CPU the GEMVs are
-memory-bound and the tiny ops are pure framework overhead (~3-10 us each whatever their size), so this
-path (`DecodePlan.step`) is the generic forward rewritten for the single-token, single-row shape:
+memory-bound and the tiny ops are pure framework overhead (~3-10 us each whatever their size), so the step
+is the generic forward rewritten for this shape, twice:
 
-* every weight is kept as an [in, out]-contiguous copy: a GEMV against it is ~1.5-2x faster than
-  `F.linear` on the [out, in] weight (MKL's transposed GEMV); over a pico step's 27 MiB of weights,
-  3.1-3.7 vs 5.5-7.8 ms on a 2-core EPYC;
-* the pre-norm RMSNorm weights (block norms, the Mamba gated norm) are folded into the rows of the
-  following matrix, and the RMS scale itself, a scalar per row, becomes the matmul's `alpha`;
-* matrices that read the same input are concatenated into one GEMV (q|k|v; router|fc1_latent|shared
-  up) and those that write the residual stream are stacked into one `addmm` that also adds the residual
-  (fc2_latent|shared down);
-* the Mamba step is one GEMV, a 4-tap (+bias) dot product on the rolling conv window, `softplus`/`exp`
-  on H values, the in-place state update (`mul_`, `addcmul_`), a grouped RMSNorm and one `addmm`;
-* the top-k experts are run directly on views of the [in, out] expert weights (no sort/dispatch), their
-  routing weights as `alpha`.
-
-Even so, ~600 ATen calls per token cost about two thirds of a pico step, so the same math on the same
-prepared tensors also exists as one C function (`decode_step.c`, the whole backbone per call), compiled
-on first use with the system C compiler and called through ctypes: 3x faster than the torch ops at pico
-size. Without a compiler (or with NEMOTRON3_NATIVE=0) the torch version runs; both are tested against
-the full forward.
+* **the C kernel** (`decode_step.c`, `decode_layers.c`, `decode_mat.c`, `decode_pool.c`, built and described
+  by `native.py`): the whole backbone in one call for up to `engine.PLAN_MAX_ROWS` rows, each weight read once for all
+  rows, **in place and in its stored format** ([out, in] fp32, bf16, FP8 E4M3 per-tensor, NVFP4 codes + E4M3
+  block scales + FP32 tensor scale, decoded in registers): no copies, so resident memory is the model plus
+  the cache; N pthreads split every phase, bitwise independent of N. Compiled on first use with the system
+  C compiler, called through ctypes.
+* **the torch ops** (`_step_torch`, where no compiler is available or NEMOTRON3_NATIVE=0): [in, out]-contiguous
+  fp32 copies of the weights (MKL's GEMV on them is ~1.5-2x `F.linear`'s), pre-norm RMSNorm weights folded
+  into the following matrix (the RMS scale becomes the matmul's `alpha`), matrices reading the same input
+  concatenated (q|k|v; router|fc1_latent|shared up), those writing the residual stacked into one `addmm`
+  (fc2_latent|shared down), the top-k experts run on views of the [in, out] expert copies. ~600 ATen calls
+  per token: ~3x slower than the kernel at pico size; the copies cap it at MAX_WEIGHT_BYTES.
 
 K/V are read and written as the cache stores them: fp32, bf16 or FP8 E4M3 (`HybridCache.kv_store` /
 `kv_load`; the kernel writes the same bytes, `x / scale` saturated to +-448 and rounded to nearest even, and
 reads the codes' values times the layer's scale: a 256-entry table, or F16C 8 codes at a time).
 
-Numerics are the generic path's up to fp32 summation order (tests compare with the full forward at
-1e-4). The copies double the memory of the weights, so the engine builds a plan only for fp32 CPU
-models of at most MAX_WEIGHT_BYTES, and rebuilds it whenever a weight changes (its identity or in-place
-version), as between RL updates. W4A16 NVFP4 / W8A16 FP8 modules (an NVFP4 checkpoint loaded with fp32
-activations) are dequantized once into those fp32 copies: the weights their own forward uses, without a
-dequantization per token. Anything the plan does not cover (speculation, bf16 activations, custom expert
-functions) runs the generic forward.
+Numerics are the generic path's up to fp32 summation order (tests compare both with the full forward at
+1e-4). The plan is rebuilt whenever a weight changes (its identity or in-place version), as between RL
+updates. Anything it does not cover (speculation, bf16 activations, custom expert functions) runs the
+generic forward.
 """
 from __future__ import annotations
 
