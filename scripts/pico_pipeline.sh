@@ -4,13 +4,15 @@
 #   -> one teacher per domain -> MOPD -> MTP boosting -> export + NVFP4 -> evaluation tables.
 # Every stage checkpoints atomically; rerunning the script resumes the stage that was interrupted and skips
 # finished ones (a stage is finished when OUT_DIR/model exists). Measured durations: README "Post-training".
-# Usage: bash scripts/pico_pipeline.sh [EVAL_DIR]      (THREADS=1 by default: one thread per job is fastest
-# on a shared 2-core machine; the two teachers-in-parallel lines below use one core each)
+# Usage: bash scripts/pico_pipeline.sh [EVAL_DIR]
+# Threads: each recipe's train.threads / rl.threads. The sequential stages (pretraining, copy, SFT) use both
+# cores (1.8x one on an idle machine, bench/RESULTS.md); the stages run two at a time below use one each.
+# OMP_WAIT_POLICY=PASSIVE (the default here) keeps OpenMP from spinning when something else shares the cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 EVAL=${1:-runs/eval}
-export OMP_NUM_THREADS=${THREADS:-1}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$EVAL"
 
 stage() {   # stage NAME OUT_DIR COMMAND...: run (or resume) unless OUT_DIR/model exists, and time it
@@ -22,10 +24,10 @@ stage() {   # stage NAME OUT_DIR COMMAND...: run (or resume) unless OUT_DIR/mode
   echo "[$name] $(( (SECONDS - t0) / 60 )) min" | tee -a "$EVAL/durations.txt"
 }
 
-# 1. corpus, tokenizer, pretraining (~63 min on one thread)
+# 1. corpus, tokenizer, pretraining: 5,600 steps x 4,096 tokens = 22.9M tokens (~6 h on two idle cores)
 stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --no-progress
 # 1b. in-context copying: 400 steps of the copy task alone (16 random tokens of the 508 most frequent, repeated;
-#     ~10 min), then 1,000 steps of text + the same task over the whole vocabulary (~60 min). Pretraining with a
+#     ~10 min), then 3,000 steps of text + the same task over the whole vocabulary (15.4M tokens). Pretraining with a
 #     text-span copy curriculum in the mix did not make pico copy (copy gain 0.11 after 1,200 steps); this does.
 stage copy runs/pico-copy $PY -m nemotron3.train recipes/pico-copy.json --no-progress
 stage copy-mix runs/pico-copy-mix $PY -m nemotron3.train recipes/pico-copy-mix.json --no-progress
