@@ -154,3 +154,19 @@ def test_damaged_files_still_fail_clearly(tmp_path):
     for lazy in (True, False):
         with pytest.raises(CheckpointError, match=r"experts\.3\.up_proj\.weight: holds non-finite values"):
             checkpoint.load(tmp_path, lazy=lazy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -float("nan")])
+def test_bit_pattern_finite_scan_finds_every_non_finite_value(dtype, bad):
+    """The scan reads exponent bits: NaN and +-inf of every float dtype anywhere (a later chunk too), and the
+    largest finite values pass."""
+    big = torch.full((300_000,), float(torch.finfo(dtype).max))
+    checkpoint._check_finite("w", big.to(dtype))
+    checkpoint._check_finite("w", (-big).to(dtype))
+    if dtype == torch.float8_e4m3fn and bad in (float("inf"), -float("inf")):
+        return                                        # E4M3 has no inf
+    big[290_000] = bad
+    with pytest.raises(CheckpointError, match="w: holds non-finite values"):
+        checkpoint._check_finite("w", big.to(dtype))
