@@ -12,8 +12,9 @@ one MoE layer's per-expert tensors lying back to back in expert order (as `save`
 stored in another dtype, or not laid out for a view (other writers' expert order), are read and converted one
 at a time into a model built on the meta device: peak memory is then the model plus one tensor (one MoE
 layer's experts while they are stacked). `weight_dtype="bfloat16"` builds the model W16A32 (`quant.linear.
-store_bf16`, plus lm_head and the embedding table) so a bf16 checkpoint maps in place. Only safetensors and
-JSON are read: pickle-based files are refused, never opened.
+store_bf16`, plus lm_head and the embedding table) so a bf16 checkpoint maps in place. A mapped file must not be
+rewritten in place while a model uses it (`save` writes a new file and renames it over, which is safe). Only
+safetensors and JSON are read: pickle-based files are refused, never opened.
 
 Writing produces the on-disk layout NVIDIA ships and transformers / vLLM read: `backbone.*` names,
 per-expert tensors (one projection's experts back to back in expert order: `expert_order`), `mtp.*`, sharded
