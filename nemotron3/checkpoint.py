@@ -30,6 +30,7 @@ module (not parameters: the engine's cache applies them); saving writes them bac
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -125,15 +126,12 @@ class TensorSource:
     def names(self):
         return self.where.keys()
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The stored tensor: a view of the mapping when lazy and stored as `dtype` (None: any), else a tensor the
-        caller converts (lazy) or an in-memory copy (eager: safetensors' own tensors sit on its file mapping)."""
+    def get(self, name: str) -> torch.Tensor:
+        """The stored tensor: lazy, a view of our mapping (the caller converts it if need be, then `drop_pages`);
+        eager, an in-memory copy (safetensors' own tensors sit on its file mapping)."""
         i, raw = self.where[name]
-        if self.maps[i] is not None:
-            t = self.maps[i].view(raw)
-            if t is not None and dtype in (None, t.dtype):
-                return t
-            return self.handles[i].get_tensor(raw)
+        if self.maps[i] is not None and (t := self.maps[i].view(raw)) is not None:
+            return t
         return self.handles[i].get_tensor(raw).clone()
 
     def stacked(self, names: list[str], dtype: torch.dtype) -> torch.Tensor | None:
@@ -324,14 +322,14 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
                                  torch.float32 if n.endswith("e_score_correction_bias") else dtype)
 
     for name in direct:
-        t = src.get(name, held(name))
+        t = src.get(name)
         if name in qnames and expected[name] == () and t.shape == (1,):
             t = t.reshape(())            # some exports store scalar scales as [1]
         mapped = src.mapped(t)
         _check(name, t, expected[name], qnames.get(name), release=mapped)
+        _assign(model, name, t.to(device=device, dtype=held(name)))     # the view itself when stored as held
         if mapped:
-            drop_pages(t)                # the scan read it: resident memory back to what decoding touches
-        _assign(model, name, t.to(device=device, dtype=held(name)))
+            drop_pages(t)                # read (scanned / converted): resident again only where decoding touches
     for (prefix, proj), got in experts.items():
         fused = f"{prefix}.{proj}"
         names = [got[e] for e in range(len(got))]
@@ -344,15 +342,17 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
             drop_pages(view)
             _assign(model, fused, view)
             continue
-        parts = []
+        out = torch.empty(expected[fused], dtype=held(fused), device=device)    # other writers' expert order
         for e, n in enumerate(names):
             t = src.get(n)
-            if fused in qnames and expected[fused][1:] == () and t.shape == (1,):
+            if fused in qnames and one == () and t.shape == (1,):
                 t = t.reshape(())
-            _check(n, t, expected[fused][1:], qnames.get(fused))
-            parts.append(t.to(device=device, dtype=held(fused)))
-        _assign(model, fused, torch.stack(parts))
-        del parts
+            mapped = src.mapped(t)
+            _check(n, t, one, qnames.get(fused), release=mapped)
+            out[e].copy_(t)
+            if mapped:
+                drop_pages(t)
+        _assign(model, fused, out)
     if declares_fp8_kv(quant):
         for n in attention:
             mod = model.get_submodule(n)
@@ -420,12 +420,14 @@ def save(model: NemotronHForCausalLM, path: str | os.PathLike, dtype=None,
     elif (path / "hf_quant_config.json").exists():
         (path / "hf_quant_config.json").unlink()
     shards, current, size = [], {}, 0
-    for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
+    # one projection's experts never straddle two shards (they load as one view of one file)
+    for _, group in itertools.groupby(sorted(state, key=expert_order), key=lambda n: expert_order(n)[0]):
+        group = list(group)
+        nbytes = sum(state[n].numel() * state[n].element_size() for n in group)
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
-        current[name] = state[name]
+        current.update({n: state[n] for n in group})
         size += nbytes
     shards.append(current)
     for old in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:

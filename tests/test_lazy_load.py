@@ -67,6 +67,19 @@ def test_fp32_load_maps_every_tensor_and_equals_the_eager_load(tmp_path):
         assert torch.equal(lazy(_ids(model)), model(_ids(model)))
 
 
+def test_sharded_save_keeps_each_projections_experts_in_one_shard(tmp_path):
+    model = _model()
+    nemotron3.save(model, tmp_path, max_shard_bytes=30_000)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    lazy = nemotron3.load(tmp_path)
+    ranges = [r for f in shards for r in _file_ranges(f)]
+    for name, t in lazy.state_dict().items():
+        assert _in_file(t, ranges), name
+    with torch.no_grad():
+        assert torch.equal(lazy(_ids(model)), model(_ids(model)))
+
+
 def test_writes_stay_private_and_experts_lie_in_expert_order(tmp_path):
     nemotron3.save(_model(), tmp_path)
     _, entries = read_header(tmp_path / "model.safetensors")
