@@ -15,7 +15,8 @@ Each checkpoint is measured in a fresh process (`--measure DIR`): `LLM(path, wei
 / NVFP4 tensor a view of the file; fp32 activations), RSS (VmRSS = RssAnon + RssFile) before and after loading
 and after decoding, batch-1 greedy decode tokens/s per thread count (after a warm-up request), the weight bytes
 one token reads (every dense weight + top-k/E of each MoE layer's routed experts + lm_head + one embedding row),
-the GB/s that makes, and its fraction of the C streaming read (`bandwidth.py`) on as many threads.
+the GB/s that makes, and its fraction of the C streaming read (`bandwidth.py`) on as many threads, measured just
+before and just after each timed run (the machine may be shared; the larger of the two is the reference).
 """
 import argparse
 import json
@@ -202,17 +203,25 @@ def measure(path: Path, threads: list[int], tokens: int, prompt: int) -> dict:
         if llm.engine._plan is not None:
             llm.engine._plan.threads = th
         llm.generate([ids.tolist()], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))    # warm-up
+        bw = stream_bandwidth([th])[th]                  # the machine is shared: read bandwidth right around
         m = llm.generate([ids.tolist()], greedy)[0].metrics
+        bw = [bw, stream_bandwidth([th])[th]]
         dt = m.finished_time - m.first_token_time
-        res["decode"][th] = {"tok_s": (m.num_generated_tokens - 1) / dt, "ttft_s": m.ttft,
+        res["decode"][th] = {"tok_s": (m.num_generated_tokens - 1) / dt, "ttft_s": m.ttft, "stream_gbs": bw,
                              "native": llm.engine._plan is not None and llm.engine._plan.native is not None}
-        res[f"rss_after_decode_{th}"] = rss()
+        res[f"rss_after_decode_{th}"] = rss()           # (the stream buffer is freed: back to the OS)
     return res
 
 
-def stream_bandwidth(threads: list[int], repeats: int = 5) -> dict:
+_LIB = []
+
+
+def stream_bandwidth(threads: list[int], repeats: int = 3) -> dict:
+    """Median GB/s of bandwidth.py's C streaming read over a 1 GiB buffer, per thread count."""
     from bandwidth import stream_lib
-    lib, buf = stream_lib(), torch.ones(1 << 27, dtype=torch.int64)      # 1 GiB
+    if not _LIB:
+        _LIB.append(stream_lib())
+    lib, buf = _LIB[0], torch.ones(1 << 27, dtype=torch.int64)      # 1 GiB
     out = {}
     for th in threads:
         r = []
@@ -224,7 +233,7 @@ def stream_bandwidth(threads: list[int], repeats: int = 5) -> dict:
     return out
 
 
-def report(name: str, r: dict, bw: dict) -> None:
+def report(name: str, r: dict) -> None:
     G = 1e9
     c, b = r["checkpoint_bytes"], r["bytes_per_token"]
     base, load = r["rss_before"], r["rss_after_load"]
@@ -236,9 +245,10 @@ def report(name: str, r: dict, bw: dict) -> None:
           f" = {(load['VmRSS'] - base['VmRSS']) / c:.2f}x the checkpoint")
     for th, d in r["decode"].items():
         a = r[f"rss_after_decode_{th}"]
-        gbs = d["tok_s"] * b["total"] / G
+        gbs, bw = d["tok_s"] * b["total"] / G, max(d["stream_gbs"])
         print(f"   threads {th}: {d['tok_s']:.2f} tok/s ({'C kernel' if d['native'] else 'torch ops'}), "
-              f"{gbs:.2f} GB/s = {gbs / bw[int(th)]:.0%} of the stream read ({bw[int(th)]:.2f} GB/s); "
+              f"{gbs:.2f} GB/s = {gbs / bw:.0%} of the stream read (before / after: "
+              f"{' / '.join(f'{g:.2f}' for g in d['stream_gbs'])} GB/s); "
               f"RSS after decoding +{(a['VmRSS'] - base['VmRSS']) / G:.2f} GB "
               f"(anon +{(a['RssAnon'] - base['RssAnon']) / G:.2f}, file +{(a['RssFile'] - base['RssFile']) / G:.2f})"
               f" = {(a['VmRSS'] - base['VmRSS']) / c:.2f}x the checkpoint")
@@ -266,8 +276,6 @@ def main():
         write_short(a.dir, a.pattern)
         runs = {f"{f}, {a.pattern}": a.dir / f for f in a.formats}
     print(f"load average {open('/proc/loadavg').read().split()[:3]}", flush=True)
-    bw = stream_bandwidth(a.threads)
-    print("stream read: " + ", ".join(f"{th} thread(s) {g:.2f} GB/s" for th, g in bw.items()), flush=True)
     for name, path in runs.items():
         cmd = [sys.executable, __file__, "--measure", str(path), "--threads", *map(str, a.threads),
                "--tokens", str(a.tokens), "--prompt", str(a.prompt)]
@@ -277,7 +285,7 @@ def main():
             print(f"{name}: measurement failed\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}", flush=True)
             continue
         r = json.loads(line[7:])
-        report(name, r, bw)
+        report(name, r)
         print("   raw: " + json.dumps(r), flush=True)
     print(f"load average {open('/proc/loadavg').read().split()[:3]}", flush=True)
 
