@@ -105,7 +105,7 @@ def safetensors_files(path: Path) -> list[Path]:
 
 class TensorSource:
     """Lazy, name-normalised view of the tensors in a directory's safetensors files. `lazy`: tensors come as views
-    of the files' private mappings where their stored dtype is the one asked for (else they are read)."""
+    of the files' private mappings (`load` keeps a view where its dtype is the one the model holds)."""
 
     def __init__(self, path: Path, lazy: bool = True):
         self.handles, self.maps = [], []
