@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nemotron3.model import decode  # noqa: E402
+from nemotron3.engine import native as decode  # noqa: E402
 from nemotron3.quant.linear import BF16Linear, NVFP4Linear  # noqa: E402
 
 STREAM = r"""

@@ -5,13 +5,20 @@ Reading accepts what exists in the wild: one `model.safetensors`, shards listed 
 or transformers' in-memory prefix `model.`; the old `backbone.embedding.weight`; a `language_model.`
 wrapper prefix; routed experts per expert (`experts.{e}.up_proj.weight`, NVIDIA's and transformers'
 on-disk layout) or fused 3-D (`experts.up_proj` [E, I, l], transformers' in-memory layout); `mtp.*`.
-Tensors are read one at a time from memory-mapped files into a model built on the meta device, so
-peak memory is the model plus one tensor (one MoE layer's experts while they are stacked). Only
+Loading is lazy (`lazy=True`): a tensor stored in the dtype the model holds it in becomes a view of the file's
+private, copy-on-write mapping (`safetensors_io.MappedFile`), so resident memory is the pages actually used, and
+one MoE layer's per-expert tensors lying back to back in expert order (as `save` writes them) become one
+[E, ...] view. The NaN / inf scan streams over such a view and unmaps its pages again (`drop_pages`). Tensors
+stored in another dtype, or not laid out for a view (other writers' expert order), are read and converted one
+at a time into a model built on the meta device: peak memory is then the model plus one tensor (one MoE
+layer's experts while they are stacked). `weight_dtype="bfloat16"` builds the model W16A32 (`quant.linear.
+store_bf16`, plus lm_head and the embedding table) so a bf16 checkpoint maps in place. A mapped file must not be
+rewritten in place while a model uses it (`save` writes a new file and renames it over, which is safe). Only
 safetensors and JSON are read: pickle-based files are refused, never opened.
 
 Writing produces the on-disk layout NVIDIA ships and transformers / vLLM read: `backbone.*` names,
-per-expert tensors, `mtp.*`, sharded with an index above `max_shard_bytes`, files written to a
-temporary name and renamed.
+per-expert tensors (one projection's experts back to back in expert order: `expert_order`), `mtp.*`, sharded
+with an index above `max_shard_bytes`, files written to a temporary name and renamed.
 
 Quantized checkpoints (NVIDIA Model Optimizer layout: `hf_quant_config.json` and/or a modelopt
 `quantization_config`; `quant/modelopt.py`) load into a model whose linears / routed experts are swapped for
@@ -23,6 +30,7 @@ module (not parameters: the engine's cache applies them); saving writes them bac
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -31,12 +39,14 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import ConfigError, NemotronConfig
 from .model import NemotronHForCausalLM
+from .safetensors_io import MappedFile, drop_pages, save_file
 
 # per-expert tensors on disk; ModelOpt's NVFP4 experts add weight_scale / weight_scale_2 / input_scale, held fused
 # in memory as `experts.up_proj_weight_scale` etc. (see quant/quantize.py NVFP4Experts)
@@ -94,14 +104,16 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 class TensorSource:
-    """Lazy, name-normalised view of the tensors in a directory's safetensors files."""
+    """Lazy, name-normalised view of the tensors in a directory's safetensors files. `lazy`: tensors come as views
+    of the files' private mappings (`load` keeps a view where its dtype is the one the model holds)."""
 
-    def __init__(self, path: Path):
-        self.handles = []
+    def __init__(self, path: Path, lazy: bool = True):
+        self.handles, self.maps = [], []
         self.where: dict[str, tuple[int, str]] = {}
         for f in safetensors_files(path):
             try:
                 h = safe_open(str(f), framework="pt")
+                self.maps.append(MappedFile(f) if lazy else None)
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
             self.handles.append(h)
@@ -115,8 +127,23 @@ class TensorSource:
         return self.where.keys()
 
     def get(self, name: str) -> torch.Tensor:
+        """The stored tensor: lazy, a view of our mapping (the caller converts it if need be, then `drop_pages`);
+        eager, an in-memory copy (safetensors' own tensors sit on its file mapping)."""
         i, raw = self.where[name]
-        return self.handles[i].get_tensor(raw)
+        if self.maps[i] is not None and (t := self.maps[i].view(raw)) is not None:
+            return t
+        return self.handles[i].get_tensor(raw).clone()
+
+    def stacked(self, names: list[str], dtype: torch.dtype) -> torch.Tensor | None:
+        """[len(names), *shape] view of tensors stored as `dtype` back to back in one file, in this order; else None."""
+        files = {self.where[n][0] for n in names}
+        if len(files) != 1 or self.maps[(i := files.pop())] is None:
+            return None
+        t = self.maps[i].stacked([self.where[n][1] for n in names])
+        return t if t is not None and t.dtype == dtype else None
+
+    def mapped(self, t: torch.Tensor) -> bool:
+        return any(m is not None and m.holds(t) for m in self.maps)
 
     def dtype(self, name: str) -> str | None:
         """The stored safetensors dtype string ("BF16", "U8", "F8_E4M3", ...), None if absent."""
@@ -139,28 +166,63 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         mod._buffers[attr] = tensor
 
 
-def _check(name: str, t: torch.Tensor, expected: torch.Size, quant_dtype: torch.dtype | None = None) -> None:
+def _hold_bf16(model: NemotronHForCausalLM, tie: bool) -> None:
+    """W16A32 on the meta model before loading: `store_bf16`'s swap, plus lm_head and the embedding table (rows
+    widened as they are looked up) unless they are tied."""
+    from .quant.linear import BF16Linear, store_bf16
+    store_bf16(model)
+    if not tie:
+        if type(model.lm_head) is torch.nn.Linear:
+            model.lm_head = BF16Linear.from_linear(model.lm_head)
+        emb = model.backbone.embeddings
+        emb.weight = torch.nn.Parameter(emb.weight.detach().bfloat16(), requires_grad=False)
+
+
+def _check(name: str, t: torch.Tensor, expected: torch.Size, quant_dtype: torch.dtype | None = None,
+           release: bool = False) -> None:
     if tuple(t.shape) != tuple(expected):
         raise CheckpointError(f"tensor {name}: expected shape {tuple(expected)}, found {tuple(t.shape)}")
     if quant_dtype is not None:       # packed codes / FP8 weights must match exactly; scales may be any float
         if t.dtype != quant_dtype and not (quant_dtype == torch.float32 and t.dtype in _FLOAT_DTYPES):
             raise CheckpointError(f"tensor {name}: expected {quant_dtype} for a quantized tensor, found {t.dtype}")
         if t.is_floating_point():     # FP8 weights and the scales; packed uint8 codes cannot be non-finite
-            _check_finite(name, t)
+            _check_finite(name, t, release)
         return
     if t.dtype not in _FLOAT_DTYPES:
         raise CheckpointError(f"tensor {name}: unsupported dtype {t.dtype} (expected float32, bfloat16 or float16)")
-    _check_finite(name, t)
+    _check_finite(name, t, release)
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
+# float dtype -> (same-width int dtype, numpy unsigned view, mask, limit): NaN / inf iff (bits & mask) >= limit
+# (exponent all ones; E4M3 has no inf, its NaN is S.1111.111)
+_NONFINITE = {torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000),
+              torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
+              torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
+              torch.float8_e4m3fn: (torch.uint8, np.uint8, 0x7F, 0x7F),
+              torch.float8_e5m2: (torch.uint8, np.uint8, 0x7F, 0x7C)}
+_CHUNK = 1 << 18
+
+
+def _check_finite(name: str, t: torch.Tensor, release: bool = False) -> None:
     """NaN / inf in a weight or scale is refused, naming the tensor (a model of NaNs would load and serve
-    garbage). One pass over the tensor, in 16M-element chunks so the temporaries stay small."""
+    garbage). One streaming pass over the bits (numpy; torch's bf16 / fp8 isfinite runs at ~15 M elements/s
+    here, this at ~2-4 G), in 256K-element chunks so the temporary stays small; `release` (a view of a file
+    mapping) unmaps each chunk's pages once read, so the scan never holds the tensor resident."""
     flat = t.reshape(-1)
-    for i in range(0, flat.numel(), 1 << 24):
-        chunk = flat[i:i + (1 << 24)]
-        if not torch.isfinite(chunk if chunk.dtype in _FLOAT_DTYPES else chunk.float()).all():
+    if flat.dtype not in _NONFINITE:
+        if not torch.isfinite(flat).all():
             raise CheckpointError(f"tensor {name}: holds non-finite values (NaN or inf); the checkpoint is damaged")
+        return
+    idt, npt, mask, limit = _NONFINITE[flat.dtype]
+    buf = np.empty(min(_CHUNK, flat.numel()), npt)
+    for i in range(0, flat.numel(), _CHUNK):
+        chunk = flat[i:i + _CHUNK]
+        b = buf[:chunk.numel()]
+        np.bitwise_and(chunk.view(idt).numpy().view(npt), mask, out=b)
+        if b.max() >= limit:
+            raise CheckpointError(f"tensor {name}: holds non-finite values (NaN or inf); the checkpoint is damaged")
+        if release:
+            drop_pages(chunk)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -172,9 +234,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
-         config: NemotronConfig | None = None) -> NemotronHForCausalLM:
+         config: NemotronConfig | None = None, lazy: bool = True, weight_dtype=None) -> NemotronHForCausalLM:
     """Load a model directory. `dtype` None keeps float32 on CPU (fast matmuls everywhere) and the
-    checkpoint's `torch_dtype` on accelerators; the router's `e_score_correction_bias` stays fp32."""
+    checkpoint's `torch_dtype` on accelerators; the router's `e_score_correction_bias` stays fp32.
+    `weight_dtype` "bfloat16": linears (lm_head too, unless tied), routed experts and the embedding table held
+    in bf16 with `dtype` activations (W16A32). `lazy`: CPU tensors stored in the held dtype map the file."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} " + ("is a file, not a directory (pass the folder holding "
@@ -190,7 +254,10 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else \
             _DTYPE_NAMES[config.torch_dtype or "bfloat16"]
-    src = TensorSource(path)
+    weight_dtype = parse_dtype(weight_dtype)
+    if weight_dtype not in (None, torch.bfloat16):
+        raise ValueError(f"weight_dtype must be None or 'bfloat16', got {weight_dtype}")
+    src = TensorSource(path, lazy=lazy and torch.device(device).type == "cpu")
     if config.has_mtp and not any(n.startswith("mtp.") for n in src.names()):
         # e.g. saved by transformers, which has no MTP module: load the backbone, drafting unavailable
         warnings.warn(f"{path}: config has num_nextn_predict_layers={config.num_nextn_predict_layers} but the "
@@ -207,10 +274,14 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
             raise CheckpointError(f"{path}: {e}") from None
         sd = model.state_dict()
         qnames = {n: sd[n].dtype for n in quant_state_names(model) if n in sd}
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = config.tie_word_embeddings and "lm_head.weight" not in src.names()
+    if weight_dtype is not None:
+        _hold_bf16(model, tie=tied or config.tie_word_embeddings)
+    sd = model.state_dict()
+    held16 = {n for n, t in sd.items() if t.dtype == torch.bfloat16 and n not in qnames} if weight_dtype else set()
+    expected = {k: v.shape for k, v in sd.items()}
     # tie_word_embeddings: share the embedding unless the file has its own, different lm_head (transformers'
     # NemotronH never ties, so its checkpoints -- and ours -- carry lm_head.weight even when the flag is set)
-    tied = config.tie_word_embeddings and "lm_head.weight" not in src.names()
     if tied:
         expected.pop("lm_head.weight", None)
 
@@ -246,24 +317,42 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     if missing:
         raise CheckpointError(f"{len(missing)} tensor(s) missing from {path}: {missing[:8]}")
 
+    def held(n: str) -> torch.dtype:     # the dtype the model keeps tensor n in
+        return qnames.get(n) or (torch.bfloat16 if n in held16 else
+                                 torch.float32 if n.endswith("e_score_correction_bias") else dtype)
+
     for name in direct:
         t = src.get(name)
         if name in qnames and expected[name] == () and t.shape == (1,):
             t = t.reshape(())            # some exports store scalar scales as [1]
-        _check(name, t, expected[name], qnames.get(name))
-        keep_fp32 = name.endswith("e_score_correction_bias")
-        _assign(model, name, t.to(device=device, dtype=qnames.get(name) or (torch.float32 if keep_fp32 else dtype)))
+        mapped = src.mapped(t)
+        _check(name, t, expected[name], qnames.get(name), release=mapped)
+        _assign(model, name, t.to(device=device, dtype=held(name)))     # the view itself when stored as held
+        if mapped:
+            drop_pages(t)                # read (scanned / converted): resident again only where decoding touches
     for (prefix, proj), got in experts.items():
         fused = f"{prefix}.{proj}"
-        parts = []
-        for e in range(len(got)):
-            t = src.get(got[e])
-            if fused in qnames and expected[fused][1:] == () and t.shape == (1,):
+        names = [got[e] for e in range(len(got))]
+        view = src.stacked(names, held(fused))                              # [E, ...] over the file, or None
+        one = expected[fused][1:]
+        if view is not None and (view.shape[1:] == one or (fused in qnames and one == () and view.shape[1:] == (1,))):
+            view = view.reshape(expected[fused])      # per-expert [1] scalars -> [E]
+            for e, n in enumerate(names):
+                _check(n, view[e], expected[fused][1:], qnames.get(fused), release=True)
+            drop_pages(view)
+            _assign(model, fused, view)
+            continue
+        out = torch.empty(expected[fused], dtype=held(fused), device=device)    # other writers' expert order
+        for e, n in enumerate(names):
+            t = src.get(n)
+            if fused in qnames and one == () and t.shape == (1,):
                 t = t.reshape(())
-            _check(got[e], t, expected[fused][1:], qnames.get(fused))
-            parts.append(t.to(device=device, dtype=qnames.get(fused) or dtype))
-        _assign(model, fused, torch.stack(parts))
-        del parts
+            mapped = src.mapped(t)
+            _check(n, t, one, qnames.get(fused), release=mapped)
+            out[e].copy_(t)
+            if mapped:
+                drop_pages(t)
+        _assign(model, fused, out)
     if declares_fp8_kv(quant):
         for n in attention:
             mod = model.get_submodule(n)
@@ -331,12 +420,14 @@ def save(model: NemotronHForCausalLM, path: str | os.PathLike, dtype=None,
     elif (path / "hf_quant_config.json").exists():
         (path / "hf_quant_config.json").unlink()
     shards, current, size = [], {}, 0
-    for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
+    # one projection's experts never straddle two shards (they load as one view of one file)
+    for _, group in itertools.groupby(sorted(state, key=expert_order), key=lambda n: expert_order(n)[0]):
+        group = list(group)
+        nbytes = sum(state[n].numel() * state[n].element_size() for n in group)
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
-        current[name] = state[name]
+        current.update({n: state[n] for n in group})
         size += nbytes
     shards.append(current)
     for old in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
@@ -359,9 +450,16 @@ def save(model: NemotronHForCausalLM, path: str | os.PathLike, dtype=None,
     config.save(path)
 
 
+def expert_order(name: str) -> tuple:
+    """Sort key of the written tensors: one projection's per-expert tensors back to back in expert order (so
+    `load` maps them as one [E, ...] view), everything else by name."""
+    m = _EXPERT.match(name)
+    return (f"{m.group(1)}.{m.group(3)}.{m.group(4)}", int(m.group(2))) if m else (name, -1)
+
+
 def _atomic_save(tensors: dict, target: Path, metadata: dict) -> None:
     tmp = target.with_name(target.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_file(tensors, str(tmp), metadata=metadata, order_key=expert_order)
     tmp.replace(target)
 
 

@@ -17,6 +17,7 @@ MAX_LINES = 600
 LAYERS = {
     "nemotron3.config": 0, "nemotron3.presets": 0,
     "nemotron3.sandbox": 0,         # a leaf: runs code in bubblewrap, imports nothing of ours
+    "nemotron3.safetensors_io": 0,  # a leaf: mapped safetensors reading, ordered writing (checkpoint.py's files)
     "nemotron3.model": 1,
     "nemotron3.quant": 2,
     "nemotron3.checkpoint": 3,

@@ -91,7 +91,7 @@ def supported(model) -> bool:
     experts either fp32 or W4A16 NVFP4 / W8A16 FP8 (dequantized once into the plan's fp32 copies; not custom
     expert functions), whose fp32 weights fit in memory comfortably (<= MAX_WEIGHT_BYTES)."""
     p = model.lm_head.weight
-    if p.dtype != torch.float32 or p.device.type != "cpu" or model.config.mamba_ssm_cache_dtype != "float32":
+    if model.dtype != torch.float32 or p.device.type != "cpu" or model.config.mamba_ssm_cache_dtype != "float32":
         return False
     packed = sum(b.numel() for b in model.buffers() if b.dtype == torch.uint8)      # 2 NVFP4 codes per byte
     if native_library() is None and (sum(q.numel() for q in _tracked(model)) + packed) * 4 > MAX_WEIGHT_BYTES:

@@ -171,7 +171,7 @@ class LLMEngine:
         stored ([out, in], fp32 / bf16 / FP8 / NVFP4), once for all rows, on the engine's threads (MKL's
         F.linear at M=1 is ~4x slower on an [out, in] fp32 weight: 8192x256, 0.25 vs 1.1 ms)."""
         head = self.model.lm_head
-        if h.shape[0] <= 64 and h.device.type == "cpu" and head.bias is None and head.weight.dtype == torch.float32:
+        if h.shape[0] <= 64 and h.device.type == "cpu" and head.bias is None and self.model.dtype == torch.float32:
             y = decode_matmul(h.float(), head, self.threads)
             if y is not None:
                 return y

@@ -25,14 +25,15 @@ from .reasoning import MEDIUM_THINKING_BUDGET, ReasoningTokens
 from .sampling import SamplingParams
 
 
-def load_model(model, tokenizer=None, dtype=None) -> tuple[NemotronHForCausalLM, object]:
-    """(model, tokenizer) from a checkpoint directory or a model object (cast to `dtype` if given); the
-    tokenizer comes from `tokenizer` (a path or an object) or else the model directory."""
+def load_model(model, tokenizer=None, dtype=None, weight_dtype=None) -> tuple[NemotronHForCausalLM, object]:
+    """(model, tokenizer) from a checkpoint directory (loaded lazily; `weight_dtype` as `checkpoint.load`) or a
+    model object (cast to `dtype` if given); the tokenizer comes from `tokenizer` (a path or an object) or else
+    the model directory."""
     from ..checkpoint import load, parse_dtype
     from ..tokenizer import load_tokenizer
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        net = load(path, dtype=dtype)
+        net = load(path, dtype=dtype, weight_dtype=weight_dtype)
         if tokenizer is None and (path / "tokenizer.json").exists():
             tokenizer = load_tokenizer(path)
     elif isinstance(model, NemotronHForCausalLM):
@@ -79,8 +80,9 @@ class LLM:
                  block_size: int = 64, seed: int = 0, reasoning_tokens: ReasoningTokens | None = None,
                  medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
                  kv_cache_dtype: str = "auto", threads: int | None = None, weight_dtype=None):
-        net, tok = load_model(model, tokenizer, dtype)
-        if weight_dtype in ("bf16", "bfloat16", torch.bfloat16):
+        bf16 = weight_dtype in ("bf16", "bfloat16", torch.bfloat16)
+        net, tok = load_model(model, tokenizer, dtype, "bfloat16" if bf16 else None)
+        if bf16:
             from ..quant.linear import store_bf16
             net = store_bf16(net)                   # W16A32: bf16 weights, the model's activation dtype
         elif weight_dtype is not None:

@@ -71,7 +71,7 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
     def forward(self, input_ids, rows=None, pad_mask=None) -> torch.Tensor:
-        h = self.embeddings(input_ids)
+        h = self.embeddings(input_ids).to(self.norm_f.weight.dtype)      # a bf16 table under fp32 activations
         for layer in self.layers:
             h = layer(h, rows, pad_mask)
         return self.norm_f(h)
@@ -128,7 +128,8 @@ class NemotronHForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activation dtype (norm_f's: lm_head / embeddings may be held in bf16 under fp32 activations)."""
+        return self.backbone.norm_f.weight.dtype
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -178,7 +179,7 @@ class NemotronHForCausalLM(nn.Module):
             raise ValueError("cache was built for a different model config (layer pattern or state sizes differ)")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return self.lm_head(hidden.to(self.dtype)).float()
 
     def forward(self, input_ids, cache: HybridCache | None = None, slots=None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,7 +210,7 @@ class NemotronHForCausalLM(nn.Module):
         if record_states and cache is None:
             raise ValueError("record_states needs a cache")
         rows = None if cache is None else cache.rows(slots, next_ids.shape[0], mtp=True, record=record_states)
-        h = self.mtp(hidden, self.backbone.embeddings(next_ids), depth, rows)
+        h = self.mtp(hidden, self.backbone.embeddings(next_ids).to(hidden.dtype), depth, rows)
         if rows is not None:
             rows.advance(next_ids.shape[1])
         return h
