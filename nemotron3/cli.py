@@ -273,6 +273,9 @@ def cmd_eval_ruler(args) -> None:
         warnings.filterwarnings("ignore", message="max_model_len .* exceeds")   # NoPE: the user asked for it
         llm = LLM(args.model, max_num_seqs=args.batch, max_model_len=max_len, dtype=args.dtype,
                   enable_prefix_caching=False, max_num_batched_tokens=max(args.prefill_chunk, args.batch + 1))
+    if llm.tokenizer is None:
+        raise SystemExit(f"error: {args.model} has no tokenizer.json (a training checkpoint: evaluate the exported "
+                         "OUT_DIR/model, or copy the tokenizer files next to its config.json)")
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     haystack = [d["text"] for d in iter_documents(corpus, "val")]
     report = evaluate_ruler(llm, haystack, args.tasks, args.lengths, args.samples,

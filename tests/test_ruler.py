@@ -129,6 +129,12 @@ def test_cli_json(tmp_path, capsys, docs):
             assert s["prompt_tokens"] == int(n) and s["score"] == ruler.score(s["generated"], s["answers"])
     with pytest.raises(SystemExit):
         main(["eval", "ruler", str(PICO), "--corpus", str(corpus), "--tasks", "nope", "--lengths", "256"])
+    bare = tmp_path / "checkpoint"                        # a training checkpoint: weights and config, no tokenizer
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).symlink_to(PICO / f)
+    with pytest.raises(SystemExit, match="no tokenizer.json"):
+        main(["eval", "ruler", str(bare), "--corpus", str(corpus), "--tasks", "niah_single", "--lengths", "256"])
 
 
 # ---------------------------------------------------------------------------------------------- training rows
