@@ -233,12 +233,26 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def resolve_weight_dtype(weight_dtype, config: NemotronConfig, dtype: torch.dtype, device) -> torch.dtype | None:
+    """`load`'s weight storage: None / "float32" = the activation dtype; "bfloat16" = W16A32; "auto" (the
+    engine's default) = bfloat16 when the checkpoint stores bf16 (`torch_dtype`) and activations are fp32 on
+    CPU: the stored values exactly (bf16 widens to fp32 without rounding), half the bytes per decode step of
+    fp32 copies, measured faster on every path (bench/RESULTS.md)."""
+    if weight_dtype == "auto":
+        keep = config.torch_dtype == "bfloat16" and dtype == torch.float32 and torch.device(device).type == "cpu"
+        return torch.bfloat16 if keep else None
+    weight_dtype = parse_dtype(weight_dtype)
+    if weight_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"weight_dtype must be 'auto', 'float32' or 'bfloat16', got {weight_dtype}")
+    return None if weight_dtype == torch.float32 else weight_dtype
+
+
 def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
          config: NemotronConfig | None = None, lazy: bool = True, weight_dtype=None) -> NemotronHForCausalLM:
     """Load a model directory. `dtype` None keeps float32 on CPU (fast matmuls everywhere) and the
     checkpoint's `torch_dtype` on accelerators; the router's `e_score_correction_bias` stays fp32.
     `weight_dtype` "bfloat16": linears (lm_head too, unless tied), routed experts and the embedding table held
-    in bf16 with `dtype` activations (W16A32). `lazy`: CPU tensors stored in the held dtype map the file."""
+    in bf16 with `dtype` activations (W16A32); "auto": that for bf16 checkpoints on CPU (`resolve_weight_dtype`). `lazy`: CPU tensors stored in the held dtype map the file."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} " + ("is a file, not a directory (pass the folder holding "
@@ -254,9 +268,7 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else \
             _DTYPE_NAMES[config.torch_dtype or "bfloat16"]
-    weight_dtype = parse_dtype(weight_dtype)
-    if weight_dtype not in (None, torch.bfloat16):
-        raise ValueError(f"weight_dtype must be None or 'bfloat16', got {weight_dtype}")
+    weight_dtype = resolve_weight_dtype(weight_dtype, config, dtype, device)
     src = TensorSource(path, lazy=lazy and torch.device(device).type == "cpu")
     if config.has_mtp and not any(n.startswith("mtp.") for n in src.names()):
         # e.g. saved by transformers, which has no MTP module: load the backbone, drafting unavailable

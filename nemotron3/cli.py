@@ -174,8 +174,9 @@ def _engine_args(s) -> None:
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     s.add_argument("--threads", type=int, default=None,
                    help="CPU threads for prefill and the C decode kernel (default: torch's thread count)")
-    s.add_argument("--weight-dtype", default=None, choices=["bfloat16"],
-                   help="keep linear/expert weights in bf16 with fp32 activations (half the bytes per decode step)")
+    s.add_argument("--weight-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weight storage with fp32 activations on CPU: bfloat16 = W16A32 (half the bytes per decode "
+                        "step), float32 = fp32 copies; auto = bfloat16 for bf16 checkpoints (default)")
     _kv_arg(s, "K/V cache storage (vLLM's flag): auto = the checkpoint's (FP8 when it declares "
                "kv_cache_quant_algo FP8) or the model dtype")
 

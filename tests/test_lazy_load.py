@@ -111,6 +111,24 @@ def test_bf16_weights_map_in_place_and_decode_as_the_eager_load(tmp_path):
     assert outs[0] == outs[1] == via_path[0].outputs[0].token_ids
 
 
+def test_engine_default_holds_a_bf16_checkpoint_in_bf16(tmp_path):
+    """The engine's weight_dtype="auto" (LLM, AsyncLLMEngine, `serve`): a bf16 checkpoint on CPU is held W16A32
+    (the stored values exactly), an fp32 checkpoint stays fp32, "float32" forces copies; greedy tokens agree."""
+    model = _model()
+    nemotron3.save(model, tmp_path / "bf16", dtype="bfloat16")
+    nemotron3.save(model, tmp_path / "fp32", dtype="float32")
+    ids = _ids(model)[0].tolist()
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    runs = {}
+    for name, path, wd in [("auto", "bf16", "auto"), ("f32", "bf16", "float32"), ("fp32 file", "fp32", "auto")]:
+        llm = LLM(str(tmp_path / path), max_num_seqs=1, weight_dtype=wd)
+        runs[name] = (isinstance(llm.model.lm_head, BF16Linear), llm.generate([ids], greedy)[0].outputs[0].token_ids)
+    assert [held for held, _ in runs.values()] == [True, False, False]
+    assert runs["auto"][1] == runs["f32"][1]
+    with pytest.raises(ValueError, match="weight_dtype"):
+        LLM(str(tmp_path / "bf16"), weight_dtype="float16")
+
+
 def test_nvfp4_codes_and_scales_map_in_place(tmp_path):
     torch.manual_seed(0)
     model = quantize_model(randomize(NemotronHForCausalLM(get_preset("tiny")).eval(), 3), "nvfp4")

@@ -49,8 +49,8 @@ class AsyncLLMEngine:
         return cls(llm.engine)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, dtype=None, **engine_kwargs) -> "AsyncLLMEngine":
-        net, tok = load_model(model, tokenizer, dtype)
+    def from_model(cls, model, tokenizer=None, dtype=None, weight_dtype="auto", **engine_kwargs) -> "AsyncLLMEngine":
+        net, tok = load_model(model, tokenizer, dtype, weight_dtype)
         return cls(LLMEngine(net, tok, **engine_kwargs))
 
     # ---- what the server reads (it never touches the sync engine): read-only views of the engine's ----

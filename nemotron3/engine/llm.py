@@ -70,8 +70,9 @@ class LLM:
     max_position_embeddings), num_speculative_tokens=0, enable_prefix_caching=True, dtype=None,
     fast_decode=True (small-batch decode through `decode_plan.py`'s DecodePlan on fp32 CPU models),
     kv_cache_dtype="auto" | "bfloat16" | "fp8" (vLLM's; auto = the checkpoint's FP8 KV declaration or the
-    model dtype), threads=None (the C decode kernel's threads; None = torch's thread count), weight_dtype=None
-    ('bfloat16': linear and expert weights kept in bf16 with fp32 activations, `quant.linear.store_bf16`), ...)
+    model dtype), threads=None (the C decode kernel's threads; None = torch's thread count), weight_dtype="auto"
+    ('bfloat16': linear, expert, lm_head and embedding weights kept in bf16 with fp32 activations; "auto": that
+    for a bf16 checkpoint loaded on CPU, `checkpoint.resolve_weight_dtype`; "float32": fp32 copies), ...)
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
@@ -79,14 +80,15 @@ class LLM:
                  max_num_batched_tokens: int | None = None, prefix_cache_bytes: int = 256 << 20,
                  block_size: int = 64, seed: int = 0, reasoning_tokens: ReasoningTokens | None = None,
                  medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
-                 kv_cache_dtype: str = "auto", threads: int | None = None, weight_dtype=None):
-        bf16 = weight_dtype in ("bf16", "bfloat16", torch.bfloat16)
-        net, tok = load_model(model, tokenizer, dtype, "bfloat16" if bf16 else None)
-        if bf16:
+                 kv_cache_dtype: str = "auto", threads: int | None = None, weight_dtype="auto"):
+        if weight_dtype == "bf16":
+            weight_dtype = "bfloat16"
+        if weight_dtype not in ("auto", None, "float32", "bfloat16", torch.float32, torch.bfloat16):
+            raise ValueError(f"weight_dtype must be 'auto', 'float32' or 'bfloat16', got {weight_dtype!r}")
+        net, tok = load_model(model, tokenizer, dtype, weight_dtype)
+        if weight_dtype in ("bfloat16", torch.bfloat16):
             from ..quant.linear import store_bf16
             net = store_bf16(net)                   # W16A32: bf16 weights, the model's activation dtype
-        elif weight_dtype is not None:
-            raise ValueError(f"weight_dtype must be None or 'bfloat16', got {weight_dtype!r}")
         self.engine = LLMEngine(net, tok, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 num_speculative_tokens=num_speculative_tokens,
