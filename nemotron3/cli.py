@@ -264,6 +264,8 @@ def cmd_eval_ruler(args) -> None:
         raise SystemExit(f"error: unknown RULER task(s) {', '.join(bad)} (tasks: {', '.join(TASKS)})")
     if not args.lengths or min(args.lengths) < 64:
         raise SystemExit("error: --lengths must be token counts >= 64")
+    if args.depth is not None and not 0.0 <= args.depth <= 1.0:
+        raise SystemExit(f"error: --depth must be in [0, 1] (0 = the start of the document), got {args.depth}")
     corpus = Path(args.corpus)
     if not (corpus / "val.jsonl").exists():
         build_corpus(corpus, sources=args.sources)
@@ -280,7 +282,7 @@ def cmd_eval_ruler(args) -> None:
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     haystack = [d["text"] for d in iter_documents(corpus, "val")]
     report = evaluate_ruler(llm, haystack, args.tasks, args.lengths, args.samples,
-                            args.seed, args.batch, log=log)
+                            args.seed, args.batch, log=log, depth=args.depth)
     report["model"] = str(args.model)
     print(format_table(report))
     if args.json:
@@ -396,6 +398,8 @@ def main(argv=None) -> None:
                    help="comma-separated RULER tasks (default: all four)")
     g.add_argument("--samples", type=int, default=4, help="prompts per (task, length)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--depth", type=float, default=None,
+                   help="plant the (first) needle at this fraction of the document, 0 = its start (default random)")
     g.add_argument("--json", default=None, metavar="OUT", help="write the full report (per-sample outputs) here")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     g.add_argument("--batch", type=int, default=1, help="prompts decoded together (cache slots; 1 = least memory)")

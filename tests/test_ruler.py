@@ -129,6 +129,12 @@ def test_cli_json(tmp_path, capsys, docs):
             assert s["prompt_tokens"] == int(n) and s["score"] == ruler.score(s["generated"], s["answers"])
     with pytest.raises(SystemExit):
         main(["eval", "ruler", str(PICO), "--corpus", str(corpus), "--tasks", "nope", "--lengths", "256"])
+    with pytest.raises(SystemExit, match="--depth"):
+        main(["eval", "ruler", str(PICO), "--corpus", str(corpus), "--lengths", "256", "--depth", "1.5"])
+    main(["eval", "ruler", str(PICO), "--corpus", str(corpus), "--lengths", "256", "--tasks", "niah_single",
+          "--samples", "2", "--depth", "0", "--json", str(out), "--threads", "1"])
+    rep = json.loads(out.read_text())                 # --depth 0: the needle opens the document
+    assert rep["depth"] == 0.0 and [s["depths"][0] for s in rep["results"]["niah_single"]["256"]["samples"]] == [0, 0]
     bare = tmp_path / "checkpoint"                        # a training checkpoint: weights and config, no tokenizer
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):

@@ -269,9 +269,9 @@ def sample_rng(seed: int, task: str, length: int, i: int) -> random.Random:
 
 
 def evaluate_ruler(llm, haystack_docs: list[str], tasks=TASKS, lengths=DEFAULT_LENGTHS, samples: int = 4,
-                   seed: int = 0, batch: int = 1, log=None) -> dict:
-    """Run every (task, length) with `samples` prompts through `llm` (an `LLM`) greedily.
-    Returns {"results": {task: {length: {...}}}, "accuracy": {task: {length: acc}}, ...}."""
+                   seed: int = 0, batch: int = 1, log=None, depth: float | None = None) -> dict:
+    """Run every (task, length) with `samples` prompts through `llm` (an `LLM`) greedily; `depth` (0..1) plants
+    each sample's first needle there (0: the start of the document), default random. Returns {"results": {task: {length: {...}}}, "accuracy": {task: {length: acc}}, ...}."""
     import time
 
     from ..engine import SamplingParams
@@ -284,7 +284,7 @@ def evaluate_ruler(llm, haystack_docs: list[str], tasks=TASKS, lengths=DEFAULT_L
             raise ValueError(f"unknown RULER task {task!r} (tasks: {', '.join(TASKS)})")
         for length in lengths:
             t0 = time.perf_counter()
-            batch_samples = [build_sample(task, length, tok, hay, sample_rng(seed, task, length, i))
+            batch_samples = [build_sample(task, length, tok, hay, sample_rng(seed, task, length, i), depth)
                              for i in range(samples)]
             params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[task])
             outs = []
@@ -305,7 +305,7 @@ def evaluate_ruler(llm, haystack_docs: list[str], tasks=TASKS, lengths=DEFAULT_L
             if log is not None:
                 log(f"{task:18s} {length:>7d}  acc {mean:.3f}  ({time.perf_counter() - t0:.1f}s)")
     avg = {str(n): sum(acc[t][str(n)] for t in acc) / len(acc) for n in lengths} if acc else {}
-    return {"tasks": list(tasks), "lengths": list(lengths), "samples": samples, "seed": seed,
+    return {"tasks": list(tasks), "lengths": list(lengths), "samples": samples, "seed": seed, "depth": depth,
             "accuracy": acc, "average": avg, "results": results}
 
 
