@@ -140,6 +140,20 @@ def _engine_kwargs(args) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype, threads=args.threads, weight_dtype=args.weight_dtype)
 
 
+def _weight_formats(model) -> str:
+    """The storage formats of the model's linear and expert weights, e.g. "bfloat16 + nvfp4" (startup line)."""
+    found = set()
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind.startswith("NVFP4"):
+            found.add("nvfp4")
+        elif kind == "FP8Linear":
+            found.add("fp8")
+        elif kind.endswith("Linear") or kind == "Experts":
+            found.add(str((m.weight if hasattr(m, "weight") else m.up_proj).dtype).replace("torch.", ""))
+    return " + ".join(sorted(found)) or "none"
+
+
 def cmd_serve(args) -> None:
     import logging
     import uvicorn
@@ -153,7 +167,8 @@ def cmd_serve(args) -> None:
                      body_timeout=args.body_timeout, responses_store_size=args.responses_store_size)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"serving {names[0]} on http://{args.host}:{args.port} (chat page at /, API under /v1); "
-          f"decode: {llm.engine.decode_path()}; K/V cache {llm.engine.cache.kv_dtype}", flush=True)
+          f"decode: {llm.engine.decode_path()}; weights {_weight_formats(llm.model)}, activations "
+          f"{str(llm.model.dtype).replace('torch.', '')}; K/V cache {llm.engine.cache.kv_dtype}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

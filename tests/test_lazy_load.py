@@ -201,3 +201,14 @@ def test_bit_pattern_finite_scan_finds_every_non_finite_value(dtype, bad):
     big[290_000] = bad
     with pytest.raises(CheckpointError, match="w: holds non-finite values"):
         checkpoint._check_finite("w", big.to(dtype))
+
+
+def test_startup_line_names_the_weight_formats():
+    """`serve` prints how the weights are held: pico (a bf16 checkpoint) in bf16 by default, the NVFP4 export
+    as its mix of formats."""
+    from pathlib import Path
+    from nemotron3.cli import _weight_formats
+    models = Path(__file__).resolve().parent.parent / "models"
+    assert _weight_formats(LLM(str(models / "pico")).model) == "bfloat16"
+    assert _weight_formats(LLM(str(models / "pico"), weight_dtype="float32").model) == "float32"
+    assert "nvfp4" in _weight_formats(LLM(str(models / "pico-nvfp4")).model).split(" + ")
