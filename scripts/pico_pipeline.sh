@@ -32,6 +32,8 @@ stage pretrain runs/pico $PY -m nemotron3.train recipes/pico.json --no-progress
 stage copy runs/pico-copy $PY -m nemotron3.train recipes/pico-copy.json --no-progress
 stage copy-mix runs/pico-copy-mix $PY -m nemotron3.train recipes/pico-copy-mix.json --no-progress
 BASE=runs/pico-copy-mix/model
+# the base's loss against tokens over its three stages (model card)
+$PY scripts/plot_tokens.py runs/pico/log.jsonl runs/pico-copy/log.jsonl runs/pico-copy-mix/log.jsonl --out "$EVAL/base-loss.png"
 # 2. long-context extension: 8K + 512-token mixture with synthetic retrieval, constant low LR
 stage longctx runs/pico-longctx $PY -m nemotron3.train.longctx recipes/pico-longctx.json --no-progress &
 # 2b. ablation: the attention layers replaced by fresh Mamba layers (train/surgery.py), same stage recipe;

@@ -577,3 +577,25 @@ def test_cli_train_help_lists_the_trainer_flags(argv, flags, capsys):
         main(argv)
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith("usage: nemotron3 train") and all(f in out for f in flags), out
+
+
+def test_plot_tokens_lays_stages_end_to_end(tmp_path):
+    """scripts/plot_tokens.py (the model card's loss-vs-tokens plot): stages' own token counts add up; a log
+    without token counts is a one-line error."""
+    import subprocess
+    logs = []
+    for name, n in (("pre", 3), ("copy", 2)):
+        (tmp_path / name).mkdir()
+        recs = [{"step": s + 1, "tokens": 1000 * (s + 1), "lm_loss": 5.0 - s, **({"val_loss": 4.0} if s == n - 1 else {})}
+                for s in range(n)]
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        logs.append(str(tmp_path / name / "log.jsonl"))
+    script = ROOT / "scripts" / "plot_tokens.py"
+    out = subprocess.run([sys.executable, str(script), *logs, "--out", str(tmp_path / "p.png")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "5,000 tokens" in out.stdout, out.stderr
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\n')
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "q.png")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
