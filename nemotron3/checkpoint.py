@@ -233,18 +233,27 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def resolve_weight_dtype(weight_dtype, config: NemotronConfig, dtype: torch.dtype, device) -> torch.dtype | None:
-    """`load`'s weight storage: None / "float32" = the activation dtype; "bfloat16" = W16A32; "auto" (the
-    engine's default) = bfloat16 when the checkpoint stores bf16 (`torch_dtype`) and activations are fp32 on
-    CPU: the stored values exactly (bf16 widens to fp32 without rounding), half the bytes per decode step of
-    fp32 copies, measured faster on every path (bench/RESULTS.md)."""
+def parse_weight_dtype(weight_dtype):
+    """A weight storage choice: "auto", or the dtype weights are held in (None = the activation dtype, which
+    "float32" also means here; torch.bfloat16 = W16A32). ValueError for anything else."""
     if weight_dtype == "auto":
+        return "auto"
+    held = _DTYPE_NAMES.get(weight_dtype, weight_dtype) if isinstance(weight_dtype, str) else weight_dtype
+    if held not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"weight_dtype must be 'auto', 'float32' or 'bfloat16', got {weight_dtype!r}")
+    return None if held == torch.float32 else held
+
+
+def resolve_weight_dtype(weight_dtype, config: NemotronConfig, dtype: torch.dtype, device) -> torch.dtype | None:
+    """`load`'s weight storage (`parse_weight_dtype`); "auto" (the engine's default) = bfloat16 when the
+    checkpoint stores bf16 (`torch_dtype`) and activations are fp32 on CPU: the stored values exactly (bf16
+    widens to fp32 without rounding), half the bytes per decode step of fp32 copies, measured faster on every
+    path (bench/RESULTS.md)."""
+    held = parse_weight_dtype(weight_dtype)
+    if held == "auto":
         keep = config.torch_dtype == "bfloat16" and dtype == torch.float32 and torch.device(device).type == "cpu"
         return torch.bfloat16 if keep else None
-    weight_dtype = parse_dtype(weight_dtype)
-    if weight_dtype not in (None, torch.float32, torch.bfloat16):
-        raise ValueError(f"weight_dtype must be 'auto', 'float32' or 'bfloat16', got {weight_dtype}")
-    return None if weight_dtype == torch.float32 else weight_dtype
+    return held
 
 
 def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
@@ -252,7 +261,8 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
     """Load a model directory. `dtype` None keeps float32 on CPU (fast matmuls everywhere) and the
     checkpoint's `torch_dtype` on accelerators; the router's `e_score_correction_bias` stays fp32.
     `weight_dtype` "bfloat16": linears (lm_head too, unless tied), routed experts and the embedding table held
-    in bf16 with `dtype` activations (W16A32); "auto": that for bf16 checkpoints on CPU (`resolve_weight_dtype`). `lazy`: CPU tensors stored in the held dtype map the file."""
+    in bf16 with `dtype` activations (W16A32); "auto": that for bf16 checkpoints on CPU (`resolve_weight_dtype`).
+    `lazy`: CPU tensors stored in the held dtype map the file."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} " + ("is a file, not a directory (pass the folder holding "
@@ -288,7 +298,7 @@ def load(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"
         qnames = {n: sd[n].dtype for n in quant_state_names(model) if n in sd}
     tied = config.tie_word_embeddings and "lm_head.weight" not in src.names()
     if weight_dtype is not None:
-        _hold_bf16(model, tie=tied or config.tie_word_embeddings)
+        _hold_bf16(model, tie=config.tie_word_embeddings)
     sd = model.state_dict()
     held16 = {n for n, t in sd.items() if t.dtype == torch.bfloat16 and n not in qnames} if weight_dtype else set()
     expected = {k: v.shape for k, v in sd.items()}

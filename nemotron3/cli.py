@@ -142,15 +142,18 @@ def _engine_kwargs(args) -> dict:
 
 def _weight_formats(model) -> str:
     """The storage formats of the model's linear and expert weights, e.g. "bfloat16 + nvfp4" (startup line)."""
+    from torch import nn
+    from .model.moe import Experts
+    from .quant.linear import BF16Linear, FP8Linear, NVFP4Linear
+    from .quant.quantize import NVFP4Experts
     found = set()
     for m in model.modules():
-        kind = type(m).__name__
-        if kind.startswith("NVFP4"):
+        if isinstance(m, (NVFP4Linear, NVFP4Experts)):
             found.add("nvfp4")
-        elif kind == "FP8Linear":
+        elif isinstance(m, FP8Linear):
             found.add("fp8")
-        elif kind.endswith("Linear") or kind == "Experts":
-            found.add(str((m.weight if hasattr(m, "weight") else m.up_proj).dtype).replace("torch.", ""))
+        elif isinstance(m, (nn.Linear, BF16Linear, Experts)):
+            found.add(str((m.up_proj if isinstance(m, Experts) else m.weight).dtype).replace("torch.", ""))
     return " + ".join(sorted(found)) or "none"
 
 

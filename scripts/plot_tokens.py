@@ -4,13 +4,17 @@
         --out runs/eval/base-loss.png
 
 Each stage's `log.jsonl` counts `tokens` from its own start; stages are laid end to end, so the x axis is the
-model's total tokens. Plotted: the train LM loss (debiased EMA, as `train.pretrain.plot`) and the validation
-loss of every stage, with a line where each stage begins. Prints the total tokens.
+model's total tokens. Plotted: the train LM loss (`train.pretrain.debiased_ema`, as `train.pretrain.plot`) and
+the validation loss of every stage, with a line where each stage begins. Prints the total tokens.
 """
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nemotron3.train.pretrain import debiased_ema  # noqa: E402
 
 
 def stage_records(path: Path) -> list[dict]:
@@ -33,12 +37,10 @@ def main(argv=None):
     for i, path in enumerate(a.logs):
         recs = stage_records(path)
         name = path.parent.name
-        x = [(offset + r["tokens"]) / 1e6 for r in recs if "lm_loss" in r]
-        ema, sm = [], 0.0
-        for j, r in enumerate(r for r in recs if "lm_loss" in r):
-            sm = 0.95 * sm + 0.05 * r["lm_loss"]
-            ema.append(sm / (1 - 0.95 ** (j + 1)))
-        ax.plot(x, ema, color=f"C{i}", alpha=0.6, label=f"{name}: train LM loss (EMA)")
+        train = [r for r in recs if "lm_loss" in r]
+        x = [(offset + r["tokens"]) / 1e6 for r in train]
+        ax.plot(x, debiased_ema([r["lm_loss"] for r in train]), color=f"C{i}", alpha=0.6,
+                label=f"{name}: train LM loss (EMA)")
         val = [((offset + r["tokens"]) / 1e6, r["val_loss"]) for r in recs if "val_loss" in r]
         if val:
             ax.plot(*zip(*val), "o-", color=f"C{i}", markersize=3, label=f"{name}: val loss")

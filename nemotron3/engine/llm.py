@@ -27,10 +27,11 @@ from .sampling import SamplingParams
 
 def load_model(model, tokenizer=None, dtype=None, weight_dtype=None) -> tuple[NemotronHForCausalLM, object]:
     """(model, tokenizer) from a checkpoint directory (loaded lazily; `weight_dtype` as `checkpoint.load`) or a
-    model object (cast to `dtype` if given); the tokenizer comes from `tokenizer` (a path or an object) or else
-    the model directory."""
-    from ..checkpoint import load, parse_dtype
+    model object (cast to `dtype` if given; weight_dtype "bfloat16" converts its weights in place, "auto"
+    leaves them); the tokenizer comes from `tokenizer` (a path or an object) or else the model directory."""
+    from ..checkpoint import load, parse_dtype, parse_weight_dtype
     from ..tokenizer import load_tokenizer
+    held = parse_weight_dtype(weight_dtype)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         net = load(path, dtype=dtype, weight_dtype=weight_dtype)
@@ -43,6 +44,9 @@ def load_model(model, tokenizer=None, dtype=None, weight_dtype=None) -> tuple[Ne
             net = net.to(dt)
             for mo in net.moe_layers():                     # the router bias stays fp32, as checkpoint.load keeps it
                 mo.gate.e_score_correction_bias.data = mo.gate.e_score_correction_bias.float()
+        if held == torch.bfloat16:
+            from ..quant.linear import store_bf16
+            net = store_bf16(net)                       # W16A32: bf16 weights, the model's activation dtype
     else:
         raise ValueError(f"model must be a path or a NemotronHForCausalLM, got {type(model).__name__}")
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -81,14 +85,7 @@ class LLM:
                  block_size: int = 64, seed: int = 0, reasoning_tokens: ReasoningTokens | None = None,
                  medium_thinking_budget: int = MEDIUM_THINKING_BUDGET, fast_decode: bool = True,
                  kv_cache_dtype: str = "auto", threads: int | None = None, weight_dtype="auto"):
-        if weight_dtype == "bf16":
-            weight_dtype = "bfloat16"
-        if weight_dtype not in ("auto", None, "float32", "bfloat16", torch.float32, torch.bfloat16):
-            raise ValueError(f"weight_dtype must be 'auto', 'float32' or 'bfloat16', got {weight_dtype!r}")
         net, tok = load_model(model, tokenizer, dtype, weight_dtype)
-        if weight_dtype in ("bfloat16", torch.bfloat16):
-            from ..quant.linear import store_bf16
-            net = store_bf16(net)                   # W16A32: bf16 weights, the model's activation dtype
         self.engine = LLMEngine(net, tok, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 num_speculative_tokens=num_speculative_tokens,

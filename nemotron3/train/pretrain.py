@@ -219,6 +219,15 @@ def _banner(run: Pretrainer, nvfp4_plan) -> None:
               f"blocks in NVFP4; high precision: {', '.join(hp)}", file=sys.stderr)
 
 
+def debiased_ema(xs, beta: float = 0.95) -> list[float]:
+    """Exponential moving average with the start-up bias divided out (nanochat's smoothed loss)."""
+    out, sm = [], 0.0
+    for i, x in enumerate(xs):
+        sm = beta * sm + (1 - beta) * x
+        out.append(sm / (1 - beta ** (i + 1)))
+    return out
+
+
 def plot(log_path: Path, png: Path) -> None:
     """Train LM loss (raw and debiased EMA, as in nanochat), val loss and LR over steps."""
     import json
@@ -232,12 +241,8 @@ def plot(log_path: Path, png: Path) -> None:
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if tr:
         s, lm = map(np.array, zip(*tr))
-        ema, sm = [], 0.0
-        for i, x in enumerate(lm):
-            sm = 0.95 * sm + 0.05 * x
-            ema.append(sm / (1 - 0.95 ** (i + 1)))
         ax.plot(s, lm, alpha=0.25, label="train LM loss")
-        ax.plot(s, ema, label="train LM loss (EMA)")
+        ax.plot(s, debiased_ema(lm), label="train LM loss (EMA)")
     if va:
         ax.plot(*zip(*va), "o-", label="val LM loss")
     ax.set_ylabel("loss")
