@@ -80,9 +80,13 @@ def _rows_equal_full_forward(ref, plan, ids, starts, slots, num_slots, steps):
         for b, (t0, slot) in enumerate(zip(starts, slots)):
             ref(ids[b:b + 1, :t0], cache, slots=[slot])
         for step in range(steps):
-            h = plan.step_rows([int(ids[b, t0 + step]) for b, t0 in enumerate(starts)], cache, slots)
+            toks = [int(ids[b, t0 + step]) for b, t0 in enumerate(starts)]
+            h, logits = plan.step_logits(toks, cache, slots, plan.model.lm_head)   # the C kernel: lm_head fused
             want = torch.stack([full[b, t0 + step] for b, t0 in enumerate(starts)])
             torch.testing.assert_close(ref.logits(h), want, rtol=1e-4, atol=1e-4)
+            assert (logits is not None) == (plan.native is not None)
+            if logits is not None:
+                torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
     return cache
 
 
@@ -208,7 +212,8 @@ def test_native_threads_give_identical_steps(recipe):
         cache = HybridCache(model.config, 4, max_len=4)
         hs = [plan.step_rows([ids[b][t] for b in range(4)], cache, [0, 1, 2, 3]) for t in range(12)]
         hs += [plan.step(ids[0][t], cache, 2) for t in range(3)]
-        outs.append(torch.cat(hs))
+        hs += list(plan.step_logits([ids[b][5] for b in range(3)], cache, [3, 1, 0], model.lm_head))
+        outs.append(torch.cat([h.flatten() for h in hs]))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
@@ -241,6 +246,21 @@ def test_matmul_reads_every_format(fmt, n_in, n_out, rows):
     x = torch.randn(rows, n_in, generator=g)
     for threads in (1, 2):
         torch.testing.assert_close(decode.matmul(x, lin, threads), x @ ref.t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_native_argmax_is_torchs():
+    """The kernel's row argmax (the engine's greedy choice) follows torch.argmax: first maximum on ties, a NaN
+    wins (the first NaN), -inf rows give 0."""
+    from nemotron3.engine.native import argmax
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (64, 300), generator=g).float()          # many ties
+    x[5, 7] = x[5, 200] = float("nan")
+    x[6] = -float("inf")
+    x[7, 299] = float("inf")
+    x[8] = torch.randn(300, generator=g)
+    assert argmax(x) == x.argmax(-1).tolist()
+    assert argmax(x[:, :7]) is None and argmax(x.double()) is None      # not contiguous fp32: the caller's torch
 
 
 def test_native_build_cache_and_failures(tmp_path, monkeypatch):

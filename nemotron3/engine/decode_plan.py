@@ -130,7 +130,7 @@ def weights_key(model) -> tuple:
 
 
 # ---------------------------------------------------------------------- the C kernel: native.py
-from .native import F32, _Layer, _Mat, _mat, default_threads, matmul, native_library  # noqa: E402,F401
+from .native import F32, _Layer, _Mat, _dense_mat, _mat, default_threads, matmul, native_library  # noqa: E402,F401
 
 
 class DecodePlan:
@@ -239,20 +239,27 @@ class DecodePlan:
         """One new token for each of B sequences (row b: `tokens[b]` into slot `slots[b]`, at that slot's
         own length); returns [B, d]. The C kernel takes all rows in one call (each weight read once); the
         torch ops run the rows one after the other."""
+        return self.step_logits(tokens, cache, slots)[0]
+
+    @torch.no_grad()
+    def step_logits(self, tokens: list[int], cache, slots: list[int], head=None):
+        """`step_rows`, and with `head` (the lm_head) its logits [B, V] computed in the same kernel call where
+        the kernel reads the head's format (else None: the caller computes them). Returns (h, logits)."""
         if len(tokens) != len(slots) or not tokens:
             raise ValueError(f"{len(tokens)} tokens for {len(slots)} slots: need one token per slot, at least one")
         if len(set(slots)) != len(slots):
             raise ValueError(f"slots {slots} repeat a slot: each row needs its own")
+        V = self.emb.shape[0]
         for slot, token in zip(slots, tokens):
             if not 0 <= slot < cache.num_slots:
                 raise ValueError(f"slot {slot} out of range: the cache has slots 0..{cache.num_slots - 1}")
-            if not 0 <= token < self.emb.shape[0]:
-                raise ValueError(f"token id {token} out of range for a vocabulary of {self.emb.shape[0]}")
+            if not 0 <= token < V:
+                raise ValueError(f"token id {token} out of range for a vocabulary of {V}")
         if self.native is not None and cache.dtype == torch.float32:
-            out = self._rows_native(tokens, cache, slots)
+            out = self._rows_native(tokens, cache, slots, head)
             if out is not None:
                 return out
-        return torch.cat([self._step_torch(t, cache, s) for t, s in zip(tokens, slots)])
+        return torch.cat([self._step_torch(t, cache, s) for t, s in zip(tokens, slots)]), None
 
     def _grow_kv(self, cache, needed: int) -> None:
         """K/V room for `needed` positions in the backbone's attention layers only (the MTP block's buffers
@@ -387,6 +394,9 @@ class DecodePlan:
                        cap=(ctypes.c_int64 * nl)(), shapes=shapes)
         self._norm_f = self.norm_f.contiguous()
         self._eps_f = self.model.backbone.norm_f.eps
+        emb = _dense_mat(self.emb) or _dense_mat(self.emb.float().contiguous())     # fp16 tables: an fp32 copy
+        self._emb_mat, self._state_key, self._state_arr = emb[0], None, None
+        self._keep += emb[1]
         self.native = fn
 
     def _native_layer(self, blk):
@@ -431,27 +441,31 @@ class DecodePlan:
         return [m.up_proj.out_features], [], [nw, m.up_proj.bias, m.down_proj.bias], [_mat(m.up_proj),
                                                                                    _mat(m.down_proj)]
 
-    def _rows_native(self, tokens, cache, slots) -> torch.Tensor | None:
-        """The C kernel on B rows; None (nothing done) when the cache is not laid out as the layers were
-        described: the kernel indexes raw memory, so anything else runs the torch ops."""
-        pos = [int(cache.lengths[s]) for s in slots]
-        self._grow_kv(cache, max(pos) + 1)
-        c, B, nl, d = self._c, len(slots), len(self.kinds), self.d
+    def _state(self, cache, slots):
+        """decode_step.c's `state` (each row's per-layer cache pointers) for these slots, or None when the cache
+        is not laid out as the layers were described (the kernel indexes raw memory: the torch ops run then).
+        Kept while the slots and the cache's buffers stay the same (a steady decode reuses it every step)."""
+        bufs = [(cache.conv[i], cache.ssm[i]) if kind == "M" else (cache.k[i], cache.v[i]) if kind == "*" else None
+                for kind, i in self.kinds]
+        key = (cache, tuple(slots), tuple((a.data_ptr(), b.data_ptr(), a.dtype, a.shape[2]) for a, b in
+                                          filter(None, bufs)), tuple(cache.kv_scales.values()))
+        if self._state_key is not None and self._state_key[0] is cache and self._state_key[1:] == key[1:]:
+            return self._state_arr
+        c, B, nl = self._c, len(slots), len(self.kinds)
         state, cap = (ctypes.c_void_p * (2 * B * nl))(), c["cap"]
-        for j, (kind, i) in enumerate(self.kinds):
+        for j, ((kind, i), ab) in enumerate(zip(self.kinds, bufs)):
+            if ab is None:
+                continue
+            a, b = ab
             if kind == "M":
-                a, b = cache.conv[i], cache.ssm[i]
                 ok = (a.shape[1:], b.shape[1:]) == c["shapes"][j] and a.dtype == torch.float32
-            elif kind == "*":
-                a, b = cache.k[i], cache.v[i]
+            else:
                 ok = (a.shape[1], a.shape[3]) == c["shapes"][j] and b.shape == a.shape and a.dtype in KV_BYTES
                 if ok:                                   # the layer's K/V format: element bytes, E4M3 scales
                     L = c["layers"][j]
                     L.n[3] = KV_BYTES[a.dtype]
                     L.f[0], L.f[1] = cache.kv_scales[i] if a.dtype == FP8_KV else (1.0, 1.0)
                 cap[j] = a.shape[2]
-            else:
-                continue
             if not (ok and cache.num_slots <= a.shape[0] and a.dtype == b.dtype
                     and a.is_contiguous() and b.is_contiguous()):
                 return None
@@ -459,12 +473,28 @@ class DecodePlan:
             for r, slot in enumerate(slots):
                 state[2 * (r * nl + j)] = pa + slot * sa
                 state[2 * (r * nl + j) + 1] = pb + slot * sb
-        x = self.emb[tokens].float().contiguous()                  # [B, d]: the rows' token embeddings
-        xp = (ctypes.c_void_p * B)(*[x.data_ptr() + b * d * 4 for b in range(B)])
+        self._state_key, self._state_arr = key, state
+        return state
+
+    def _rows_native(self, tokens, cache, slots, head=None):
+        """The C kernel on B rows: (h [B, d], logits [B, V] or None); None (nothing done) when the cache is not
+        laid out as the layers were described."""
+        lengths = cache.lengths.tolist()
+        pos = [lengths[s] for s in slots]
+        self._grow_kv(cache, max(pos) + 1)
+        state = self._state(cache, slots)
+        if state is None:
+            return None
+        B, d = len(slots), self.d
+        hm = _mat(head) if head is not None and getattr(head, "bias", None) is None else None
         out = torch.empty(B, d)
-        if self.native(c["layers"], nl, d, B, xp, c["eps"], state, cap, (ctypes.c_int64 * B)(*pos),
-                       self._norm_f.data_ptr(), self._eps_f, out.data_ptr(), default_threads(self.threads)):
+        logits = torch.empty(B, hm[0].rows) if hm is not None else None
+        if self.native(self._c["layers"], len(self.kinds), d, B, ctypes.byref(self._emb_mat),
+                       (ctypes.c_int64 * B)(*tokens), self._c["eps"], state, self._c["cap"],
+                       (ctypes.c_int64 * B)(*pos), self._norm_f.data_ptr(), self._eps_f, out.data_ptr(),
+                       None if hm is None else ctypes.byref(hm[0]), None if hm is None else logits.data_ptr(),
+                       default_threads(self.threads)):
             raise MemoryError("the native decode step could not allocate its scratch memory")
         for slot, p in zip(slots, pos):
             cache.lengths[slot] = p + 1
-        return out
+        return out, logits

@@ -62,6 +62,8 @@ typedef struct {
     const float *norm_f;
     double eps_f;
     float *out;
+    const Mat *head;
+    float *logits;
     float *h, *xn, *buf, *priv;
     int64_t *ints;
 } Step;
@@ -125,16 +127,30 @@ static void step_thread(void *arg, int t, int nt) {
         const float s = 1.0f / sqrtf(sumsq(h, d) / (float)d + (float)S->eps_f);
         for (int64_t k = 0; k < d; k++) S->out[b * d + k] = S->norm_f[k] * (h[k] * s);
     }
+    if (S->head) {                                               /* logits [B, V] = out @ lm_head^T */
+        barrier(nt);
+        mm_share(S->head, t, nt, S->out, d, B, S->logits, S->head->rows, NULL, 0, priv);
+    }
 }
 
-/* The backbone on one new token for each of B rows, on nt threads. x[b]: row b's token embedding [d] fp32
- * (read only); eps[i]: layer i's pre-norm eps; state / cap / pos: see Step; out [B, d] = norm_f(h).
- * Returns 0, or -1 when scratch memory cannot be allocated or a layer exceeds the routing buffers
- * (nothing is written then). */
-int n3_decode_rows(const Layer *layers, int64_t n_layers, int64_t d, int64_t B, const float *const *x,
-                   const double *eps, void *const *state, const int64_t *cap, const int64_t *pos,
-                   const float *norm_f, double eps_f, float *out, int64_t threads) {
-    int64_t shared = 0, per = 0, ints = 0, T = 0;
+/* Row `tok` of the embedding table as fp32 (the table in any stored format). */
+static void embed_row(const Mat *E, int64_t tok, float *x) {
+    if (E->fmt == F32) memcpy(x, (const float *)E->w + tok * E->cols, (size_t)E->cols * sizeof(float));
+    else if (E->fmt == BF16)
+        for (int64_t k = 0; k < E->cols; k++) x[k] = bf16f(((const uint16_t *)E->w)[tok * E->cols + k]);
+    else
+        for (int64_t k = 0; k < E->cols; k++) x[k] = wget(E, tok, k);
+}
+
+/* The backbone on one new token for each of B rows, on nt threads. emb: the embedding table [V, d], tokens[b]
+ * row b's token; eps[i]: layer i's pre-norm eps; state / cap / pos: see Step; out [B, d] = norm_f(h); head
+ * (NULL: none): lm_head [V', d], then logits [B, V'] = out @ head^T in the same call. Returns 0, or -1 when
+ * scratch memory cannot be allocated or a layer exceeds the routing buffers (nothing is written then). */
+int n3_decode_rows(const Layer *layers, int64_t n_layers, int64_t d, int64_t B, const Mat *emb,
+                   const int64_t *tokens, const double *eps, void *const *state, const int64_t *cap,
+                   const int64_t *pos, const float *norm_f, double eps_f, float *out, const Mat *head,
+                   float *logits, int64_t threads) {
+    int64_t shared = 0, per = head ? 4 * d : 0, ints = 0, T = 0;
     const int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
     for (int64_t b = 0; b < B; b++) T = pos[b] + 1 > T ? pos[b] + 1 : T;
     for (int64_t i = 0; i < n_layers; i++) {
@@ -153,12 +169,26 @@ int n3_decode_rows(const Layer *layers, int64_t n_layers, int64_t d, int64_t B, 
         free(mem), free(im);
         return -1;
     }
-    Step S = {layers, n_layers, d, B, T, per, eps, state, cap, pos, norm_f, eps_f, out,
+    Step S = {layers, n_layers, d, B, T, per, eps, state, cap, pos, norm_f, eps_f, out, head, logits,
               mem, mem + B * d, mem + 2 * B * d, mem + 2 * B * d + shared, im};
-    for (int64_t b = 0; b < B; b++) memcpy(S.h + b * d, x[b], (size_t)d * sizeof(float));
+    for (int64_t b = 0; b < B; b++) embed_row(emb, tokens[b], S.h + b * d);
     parallel(step_thread, &S, nt);
     free(mem), free(im);
     return 0;
+}
+
+/* out[b] = the index of row b's largest value in x [B, V], the first one on ties; a NaN counts as the largest
+ * (torch.argmax's rule). */
+void n3_argmax(const float *x, int64_t B, int64_t V, int64_t *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *r = x + b * V;
+        int64_t best = 0;
+        for (int64_t i = 0; i < V; i++) {
+            if (r[i] != r[i]) { best = i; break; }
+            if (r[i] > r[best]) best = i;
+        }
+        out[b] = best;
+    }
 }
 
 /* Y [B, M.rows] = X [B, M.cols] @ M^T on nt threads (the engine's lm_head for a few rows). */

@@ -170,12 +170,16 @@ class LLMEngine:
         """`model.logits`, faster for a few rows on CPU: the C kernel's matmul reads lm_head where and as it is
         stored ([out, in], fp32 / bf16 / FP8 / NVFP4), once for all rows, on the engine's threads (MKL's
         F.linear at M=1 is ~4x slower on an [out, in] fp32 weight: 8192x256, 0.25 vs 1.1 ms)."""
-        head = self.model.lm_head
-        if h.shape[0] <= 64 and h.device.type == "cpu" and head.bias is None and self.model.dtype == torch.float32:
-            y = decode_matmul(h.float(), head, self.threads)
+        if h.shape[0] <= 64 and h.device.type == "cpu" and self._fused_head():
+            y = decode_matmul(h.float(), self.model.lm_head, self.threads)
             if y is not None:
                 return y
         return self.model.logits(h)
+
+    def _fused_head(self) -> bool:
+        """Whether the C kernel may compute the logits (lm_head without bias, fp32 activations): `logits` and
+        the decode plan's fused step (backbone + lm_head in one call) use it then."""
+        return self.model.lm_head.bias is None and self.model.dtype == torch.float32
 
     # ------------------------------------------------------------------ requests
     def prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -534,8 +538,10 @@ class LLMEngine:
     def _decode(self, seqs: list[Sequence]) -> None:
         m, dev = self.model, self.model.device
         plan = self._decode_plan() if self.fast_decode and len(seqs) <= PLAN_MAX_ROWS else None
+        logits = None
         if plan is not None and (len(seqs) == 1 or plan.native is not None):
-            h = plan.step_rows([s.output_ids[-1] for s in seqs], self.cache, [s.slot for s in seqs])
+            head = m.lm_head if self._fused_head() else None
+            h, logits = plan.step_logits([s.output_ids[-1] for s in seqs], self.cache, [s.slot for s in seqs], head)
         else:
             ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=dev)
             h = m.hidden_states(ids, self.cache, [s.slot for s in seqs])[:, -1]
@@ -544,7 +550,7 @@ class LLMEngine:
             s.last_hidden = h[b]
         self.stats.decode_forwards += 1
         self.stats.decode_tokens += len(seqs)
-        self._emit_logits(seqs, self.logits(h))
+        self._emit_logits(seqs, self.logits(h) if logits is None else logits)
 
     def _prefill_chunk(self, seq: Sequence, n: int) -> bool:
         """Run prompt tokens [num_computed, num_computed + n) through the backbone (n = 0: the prompt

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from .grammar import StructuredOutputs
+from .native import argmax as native_argmax
 
 _EPS = 1e-5          # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 
@@ -281,9 +282,10 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams], gens: Sequenc
     row's generator) otherwise. Returns the tokens and the sampling distributions (None if all greedy;
     greedy rows get one-hot rows)."""
     logits = constrain(logits, rows)
-    out = logits.argmax(-1)
+    top = native_argmax(logits)
     if all(p.greedy for p in params):
-        return out.tolist(), None
+        return top if top is not None else logits.argmax(-1).tolist(), None
+    out = torch.tensor(top) if top is not None else logits.argmax(-1)
     probs = probabilities(logits, params)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     u = uniforms([gens[i] for i in sampled])[:, 0]
