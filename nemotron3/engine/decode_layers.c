@@ -13,7 +13,7 @@ static void layer_scratch(const Layer *L, int64_t d, int64_t B, int64_t T, int64
                           int64_t *ints) {
     const int64_t *n = L->n;
     (void)d;
-    *per = 4 * max_cols(L);                                      /* decode_mat's weight tile */
+    *per = mm_scratch(B, max_cols(L));                           /* decode_mat's tile and X^T */
     *ints = 0;
     switch (L->kind) {
     case MAMBA: *shared = B * (n[0] + n[1] + n[2] + n[1] + n[0]); break;
@@ -159,7 +159,7 @@ static void attention_layer(const Step *S, const Layer *L, int64_t li, int t, in
     const int64_t nq = L->n[0], nkv = L->n[1], hd = L->n[2], el = L->n[3], rep = nq / nkv;
     const int64_t QW = (nq + 2 * nkv) * hd, d = S->d, B = S->B;
     const float ks = (float)L->f[0], vs = (float)L->f[1];
-    float *qkv = S->buf, *o = qkv + B * QW, *row = priv + 4 * max_cols(L), *sc = row + hd;
+    float *qkv = S->buf, *o = qkv + B * QW, *row = priv + mm_scratch(B, max_cols(L)), *sc = row + hd;
     int64_t a, e;
     mm_share(&L->m[0], t, nt, S->xn, d, B, qkv, QW, NULL, 0, priv);
     mm_share(&L->m[1], t, nt, S->xn, d, B, qkv + nq * hd, QW, NULL, 0, priv);
@@ -254,7 +254,7 @@ static void moe_layer(const Step *S, const Layer *L, int t, int nt, float *priv)
     const int64_t F = E + Lt + Sh, d = S->d, B = S->B;
     float *f = S->buf, *ypair = f + B * F, *wt = ypair + B * k * lin;
     const Mat *up = L->m + 5, *down = L->m + 5 + E;
-    float *tile = priv, *choice = tile + 4 * max_cols(L), *xg = choice + E;
+    float *tile = priv, *choice = tile + mm_scratch(B, max_cols(L)), *xg = choice + E;
     float *ag = xg + B * lin, *yg = ag + B * I, *wg = yg + B * lin;
     int64_t *idx = S->ints, *order = idx + B * k, *start = order + B * k, *active = start + E + 1;
     int64_t a, e;

@@ -83,10 +83,10 @@ static float dot(const float *restrict a, const float *restrict b, int64_t n) {
 
 /* Thread t's share of M's output rows, written to Y (stride ldy) for the B rows of X (stride ldx). */
 static void mm_share(const Mat *M, int t, int nt, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy,
-                     const float *bias, int acc, float *tile) {
+                     const float *bias, int acc, float *scratch) {
     int64_t a, b;
     share(M->rows, t, nt, 4, &a, &b);
-    mm_rows(M, a, b, X, ldx, B, Y, ldy, NULL, bias, acc, tile);
+    mm_rows(M, a, b, X, ldx, B, Y, ldy, NULL, bias, acc, scratch);
 }
 
 /* rows [a, b) of Y [B, ld]: relu(y)^2 on columns [c0, c1) */
@@ -171,7 +171,7 @@ typedef struct {
 
 static void matmul_thread(void *arg, int t, int nt) {
     const MatJob *J = arg;
-    mm_share(J->M, t, nt, J->X, J->M->cols, J->B, J->Y, J->M->rows, NULL, 0, J->tiles + t * 4 * J->M->cols);
+    mm_share(J->M, t, nt, J->X, J->M->cols, J->B, J->Y, J->M->rows, NULL, 0, J->tiles + t * mm_scratch(J->B, J->M->cols));
 }
 
 /* The attention layer's own K/V encoding and decoding, for tests against torch's: n values of x [n] fp32 as a
@@ -188,7 +188,7 @@ void n3_kv_load(float *dst, const void *src, int64_t n, int64_t bytes, float sca
 
 int n3_matmul(const Mat *M, const float *X, int64_t B, float *Y, int64_t threads) {
     const int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
-    MatJob J = {M, X, B, Y, malloc((size_t)(nt * 4 * M->cols) * sizeof(float))};
+    MatJob J = {M, X, B, Y, malloc((size_t)(nt * mm_scratch(B, M->cols)) * sizeof(float))};
     if (!J.tiles) return -1;
     parallel(matmul_thread, &J, nt);
     free(J.tiles);
