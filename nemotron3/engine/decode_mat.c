@@ -7,9 +7,14 @@
  *   NVFP4 uint8 [rows, cols/2] E2M1 codes (element 0 in the low nibble), e4m3 block scales [rows, cols/16],
  *         fp32 tensor scale s2                                  value = e2m1 * scale_b * s2
  * `mm_rows` computes output rows [r0, r1) of Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] * W @ X[b] for B rows;
- * the threads of a step each take a slice of the output rows. Weights are decoded to fp32 in registers:
- * with one row (B = 1) straight into the multiply-adds; with more, four weight rows at a time into an
- * L1/L2-resident fp32 tile that every row of X then reads (the weight is read from memory once per call).
+ * the threads of a step each take a slice of the output rows, four weight rows at a time. Weights are
+ * decoded to fp32 in registers, and read from memory once per call for all B rows:
+ *   B = 1     straight into the multiply-adds, one dot product per weight row (dot_rows);
+ *   B = 2, 3  the same, each decoded weight vector times every row of X (few_avx2);
+ *   B > 3     the four rows decoded into an L1-resident fp32 tile [4, K] (F32: the weight itself); X^T [K, B
+ *             padded to 8s] built once per call; a register-blocked micro-kernel (panel_avx2) broadcasts each
+ *             weight over vectors of 8 rows of X^T, 4 x (1..3) accumulators of 8 rows along k, no horizontal
+ *             sums (one 4 x 8 transpose per block at the end).
  *
  * AVX2+FMA+F16C (-march=native where the CPU has them) decodes 8 weights per instruction sequence:
  * bf16 by a widening shift, e4m3 through F16C (the bits moved into an fp16, times 2^8), E2M1 through a
@@ -194,6 +199,9 @@ static void decode_rows(const Mat *M, int64_t o, int R, float *restrict tile) {
 static inline int64_t mm_scratch(int64_t B, int64_t cols) { return (4 + ((B + 7) & ~(int64_t)7)) * cols; }
 
 #if N3_AVX2
+/* v held in a register: the compiler would otherwise fold its load into each multiply-add that uses it. */
+#define KEEP(v) __asm__("" : "+x"(v))
+
 /* B = 2, 3 (MR rows of X): Y[i, r] = (acc ? Y[i, r] : 0) + bias[r] + alpha[i] W[o + r] . X[i] for R (1 or 4)
  * weight rows decoded by load16 as they are read (16 k at a time), one accumulator per (i, r) along k, reduced
  * at the end (R = 4: one horizontal-add tree for the four). Y and bias start at output o. */
@@ -203,15 +211,24 @@ INLINE void few_avx2(const Mat *M, const int fmt, int64_t o, const int R, const 
     __m256 a[3][4];
     for (int i = 0; i < MR; i++)
         for (int r = 0; r < R; r++) a[i][r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16)
+    for (int64_t k = 0; k < K; k += 16) {
+        __m256 xl[3], xh[3];
+        for (int i = 0; i < MR; i++) {
+            xl[i] = _mm256_loadu_ps(X + i * ldx + k), xh[i] = _mm256_loadu_ps(X + i * ldx + k + 8);
+            if (MR < 3) {                                        /* 3 rows: not enough registers */
+                KEEP(xl[i]);
+                KEEP(xh[i]);
+            }
+        }
         for (int r = 0; r < R; r++) {
             __m256 lo, hi;
             load16(M, fmt, o + r, k, &lo, &hi);
             for (int i = 0; i < MR; i++) {
-                a[i][r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(X + i * ldx + k), a[i][r]);
-                a[i][r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(X + i * ldx + k + 8), a[i][r]);
+                a[i][r] = _mm256_fmadd_ps(lo, xl[i], a[i][r]);
+                a[i][r] = _mm256_fmadd_ps(hi, xh[i], a[i][r]);
             }
         }
+    }
     const float sc = vec_scale(M);
     for (int i = 0; i < MR; i++) {
         float *y = Y + i * ldy;
@@ -240,9 +257,6 @@ static void few_rows(const Mat *M, int64_t o, int R, int MR, const float *X, int
     default: FEW_R(NVFP4);
     }
 }
-
-/* v held in a register: the compiler would otherwise fold its load into each multiply-add that uses it. */
-#define KEEP(v) __asm__("" : "+x"(v))
 
 /* B > 3: rows b0 .. b0 + 8 NB of the product for R (1 or 4) fp32 weight rows w [R, K]: for each k the R weights
  * broadcast times NB vectors of X^T [K, ldt] (8 rows of X each), into R x NB accumulators along k (NB = 1: two

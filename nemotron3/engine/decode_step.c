@@ -11,10 +11,10 @@
  *
  * Threads (decode_pool.c): every phase of a layer is split over the nt threads of the call and phases
  * are separated by barriers. Matrix products split their output rows; the conv over channels; the SSM
- * and the gated norm over (row, norm group); attention over (row, KV head); routing over rows; routed
- * experts over the active experts (each thread runs whole experts; each row then sums its experts'
- * outputs in routing order). The result does not depend on nt: every output element is computed by one
- * thread, in the same order whatever the split.
+ * and the gated norm over (row, norm group); attention over (row, KV head); routing over rows; each routed
+ * expert's products by output rows too (each row then sums its experts' outputs in routing order). The
+ * result does not depend on nt: every output element is computed by one thread, in the same order whatever
+ * the split.
  *
  * Built on first use by decode_plan.py with the system C compiler (-march=native where it works), loaded
  * with ctypes. No -ffast-math: it would link crtfastmath.o and turn on flush-to-zero for the whole
