@@ -263,6 +263,48 @@ def test_native_argmax_is_torchs():
     assert argmax(x[:, :7]) is None and argmax(x.double()) is None      # not contiguous fp32: the caller's torch
 
 
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("n_in,n_out", [(64, 7), (32, 12), (40, 6)])
+def test_matmul_row_blocks(fmt, n_in, n_out):
+    """The multi-row kernel's blockings (1 row; 2-3 rows decoded in registers; X^T panels of 8-row vectors, 1-3
+    at a time, padded) equal a float64 product on the dequantized weight for row counts on and off every block
+    size, vectorised (n_in a multiple of 16) or not, and do not depend on the thread count."""
+    from torch import nn
+    from nemotron3.quant.linear import FP8Linear, NVFP4Linear
+    if fmt == "nvfp4" and n_in % 16:
+        pytest.skip("NVFP4 blocks are 16 wide")
+    g = torch.Generator().manual_seed(n_in * n_out)
+    lin = nn.Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, generator=g))
+    lin = {"fp32": lambda: lin, "bf16": lambda: lin.bfloat16(), "fp8": lambda: FP8Linear.from_linear(lin),
+           "nvfp4": lambda: NVFP4Linear.from_linear(lin)}[fmt]()
+    ref = lin.dequantized_weight(torch.float32) if fmt in ("fp8", "nvfp4") else lin.weight.detach().float()
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 25, 33):
+        x = torch.randn(rows, n_in, generator=g)
+        y1, y2 = decode.matmul(x, lin, 1), decode.matmul(x, lin, 2)
+        assert torch.equal(y1, y2)
+        torch.testing.assert_close(y1.double(), x.double() @ ref.double().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("recipe", [None, "nvfp4"])
+def test_native_many_rows_equal_full_forward(recipe):
+    """11 rows in one call (X^T panels of 8 rows, padded; routed experts on 1 to several rows each; biases, or
+    NVFP4 weights), on 2 threads: each step equals the full forward at every row's own position."""
+    torch.manual_seed(0)
+    if recipe:                                                     # NVFP4 needs 16-wide blocks: the tiny preset
+        model = quantize_model(randomize(NemotronHForCausalLM(get_preset("tiny")).eval(), 3), recipe)
+    else:
+        config = small_config("M*EM-E*M", moe_latent_size=16, **VARIANTS["biases"])
+        model = randomize(NemotronHForCausalLM(config).eval(), 2)
+    ids = torch.randint(12, 96, (11, 14), generator=torch.Generator().manual_seed(6))
+    plan = DecodePlan(model, native=True, threads=2)
+    starts = [1 + b % 5 for b in range(11)]
+    _rows_equal_full_forward(model, plan, ids, starts, list(range(11)), num_slots=11, steps=6)
+
+
 def test_native_build_cache_and_failures(tmp_path, monkeypatch):
     """The kernel is built once into $NEMOTRON3_CACHE/native (atomically, named by source, flags and CPU);
     a failed build warns and leaves the torch ops; NEMOTRON3_NATIVE=0 turns it off."""

@@ -13,15 +13,15 @@ static void layer_scratch(const Layer *L, int64_t d, int64_t B, int64_t T, int64
                           int64_t *ints) {
     const int64_t *n = L->n;
     (void)d;
-    *per = 4 * max_cols(L);                                      /* decode_mat's weight tile */
+    *per = mm_scratch(B, max_cols(L));                           /* decode_mat's tile and X^T */
     *ints = 0;
     switch (L->kind) {
     case MAMBA: *shared = B * (n[0] + n[1] + n[2] + n[1] + n[0]); break;
     case ATTENTION: *shared = B * ((n[0] + 2 * n[1]) * n[2] + n[0] * n[2]); *per += n[2] + (n[0] / n[1]) * T; break;
     case MOE:
-        *shared = B * (n[0] + n[1] + n[4]) + B * n[5] * (n[3] + 1);
-        *per += n[0] + B * (2 * n[3] + n[2] + 1);
-        *ints = 2 * B * n[5] + 2 * (n[0] + 1);
+        *shared = B * (n[0] + n[1] + n[4]) + B * n[5] * (2 * n[3] + n[2] + 2);
+        *per += n[0];
+        *ints = 3 * B * n[5] + n[0] + 1;
         break;
     default: *shared = B * n[0];
     }
@@ -159,7 +159,7 @@ static void attention_layer(const Step *S, const Layer *L, int64_t li, int t, in
     const int64_t nq = L->n[0], nkv = L->n[1], hd = L->n[2], el = L->n[3], rep = nq / nkv;
     const int64_t QW = (nq + 2 * nkv) * hd, d = S->d, B = S->B;
     const float ks = (float)L->f[0], vs = (float)L->f[1];
-    float *qkv = S->buf, *o = qkv + B * QW, *row = priv + 4 * max_cols(L), *sc = row + hd;
+    float *qkv = S->buf, *o = qkv + B * QW, *row = priv + mm_scratch(B, max_cols(L)), *sc = row + hd;
     int64_t a, e;
     mm_share(&L->m[0], t, nt, S->xn, d, B, qkv, QW, NULL, 0, priv);
     mm_share(&L->m[1], t, nt, S->xn, d, B, qkv + nq * hd, QW, NULL, 0, priv);
@@ -246,17 +246,17 @@ static void route(const Layer *L, float *restrict f, float *restrict choice, int
     for (int64_t j = 0; j < k; j++) wt[j] = (L->n[8] ? wt[j] / (tot + 1e-20f) : wt[j]) * (float)L->f[0];
 }
 
-/* f [B, E + Lt + S] = [router logits | latent | shared hidden]; each routed (row, expert) pair p = b k + j
- * writes its weighted output to ypair[p] (the thread running that expert), then each row sums its k pairs
- * in routing order: the same sums whatever the number of threads. */
+/* f [B, E + Lt + S] = [router logits | latent | shared hidden]. The routed (row, expert) pairs p = b k + j,
+ * sorted by expert (pair p at s = where[p]): xs [s] their inputs, hs [s] their hidden, ys [s] their weighted
+ * outputs. Each expert's two products are split over the threads by output rows, as every other matrix; then
+ * each row sums its k pairs in routing order: the same sums whatever the number of threads. */
 static void moe_layer(const Step *S, const Layer *L, int t, int nt, float *priv) {
     const int64_t E = L->n[0], Lt = L->n[1], I = L->n[2], lin = L->n[3], Sh = L->n[4], k = L->n[5];
-    const int64_t F = E + Lt + Sh, d = S->d, B = S->B;
-    float *f = S->buf, *ypair = f + B * F, *wt = ypair + B * k * lin;
+    const int64_t F = E + Lt + Sh, d = S->d, B = S->B, P = B * k;
+    float *f = S->buf, *xs = f + B * F, *hs = xs + P * lin, *ys = hs + P * I, *ws = ys + P * lin, *wt = ws + P;
     const Mat *up = L->m + 5, *down = L->m + 5 + E;
-    float *tile = priv, *choice = tile + 4 * max_cols(L), *xg = choice + E;
-    float *ag = xg + B * lin, *yg = ag + B * I, *wg = yg + B * lin;
-    int64_t *idx = S->ints, *order = idx + B * k, *start = order + B * k, *active = start + E + 1;
+    float *tile = priv, *choice = tile + mm_scratch(B, max_cols(L));
+    int64_t *idx = S->ints, *order = idx + P, *where = order + P, *start = where + P;
     int64_t a, e;
     mm_share(&L->m[0], t, nt, S->xn, d, B, f, F, NULL, 0, tile);
     if (Lt) mm_share(&L->m[1], t, nt, S->xn, d, B, f + E, F, L->v[2], 0, tile);
@@ -267,41 +267,43 @@ static void moe_layer(const Step *S, const Layer *L, int t, int nt, float *priv)
     share(B, t, nt, 1, &a, &e);
     for (int64_t b = a; b < e; b++) route(L, f + b * F, choice, idx + b * k, wt + b * k);
     barrier(nt);
-    if (t == 0) {                                                /* pairs grouped by expert (counting sort) */
-        memset(start, 0, (size_t)(E + 1) * sizeof(int64_t));
-        for (int64_t p = 0; p < B * k; p++) start[idx[p] + 1]++;
-        for (int64_t x = 0; x < E; x++) start[x + 1] += start[x];
-        for (int64_t p = 0; p < B * k; p++) order[start[idx[p]]++] = p;
-        for (int64_t x = E; x > 0; x--) start[x] = start[x - 1];
-        start[0] = 0;
-        int64_t na = 0;
-        for (int64_t x = 0; x < E; x++)
-            if (start[x + 1] > start[x]) active[1 + na++] = x;
-        active[0] = na;
-    }
-    barrier(nt);
     const float *X = Lt ? f + E : S->xn;                         /* the experts' input: latent or normed h */
     const int64_t ldx = Lt ? F : d;
-    for (int64_t j = t; j < active[0]; j += nt) {
-        const int64_t x = active[1 + j], n = start[x + 1] - start[x];
-        for (int64_t r = 0; r < n; r++) {
-            const int64_t p = order[start[x] + r];
-            wg[r] = wt[p];
-            memcpy(xg + r * lin, X + (p / k) * ldx, (size_t)lin * sizeof(float));
+    if (t == 0) {                                                /* pairs sorted by expert (counting sort) */
+        memset(start, 0, (size_t)(E + 1) * sizeof(int64_t));
+        for (int64_t p = 0; p < P; p++) start[idx[p] + 1]++;
+        for (int64_t x = 0; x < E; x++) start[x + 1] += start[x];
+        for (int64_t p = 0; p < P; p++) order[start[idx[p]]++] = p;
+        for (int64_t x = E; x > 0; x--) start[x] = start[x - 1];
+        start[0] = 0;
+        for (int64_t s = 0; s < P; s++) {
+            where[order[s]] = s;
+            ws[s] = wt[order[s]];
+            memcpy(xs + s * lin, X + (order[s] / k) * ldx, (size_t)lin * sizeof(float));
         }
-        mm_rows(&up[x], 0, I, xg, lin, n, ag, I, NULL, NULL, 0, tile);
-        relu2_cols(ag, I, n, 0, I);
-        mm_rows(&down[x], 0, lin, ag, I, n, yg, lin, wg, NULL, 0, tile);
-        for (int64_t r = 0; r < n; r++)
-            memcpy(ypair + order[start[x] + r] * lin, yg + r * lin, (size_t)lin * sizeof(float));
     }
+    barrier(nt);
+    share(I, t, nt, 4, &a, &e);                                  /* up, relu^2 on this thread's rows */
+    for (int64_t x = 0; x < E; x++)
+        if (start[x + 1] > start[x]) {
+            const int64_t s = start[x], n = start[x + 1] - s;
+            mm_rows(&up[x], a, e, xs + s * lin, lin, n, hs + s * I, I, NULL, NULL, 0, tile);
+            relu2_cols(hs + s * I, I, n, a, e);
+        }
+    barrier(nt);
+    share(lin, t, nt, 4, &a, &e);                                /* down, times the routing weight */
+    for (int64_t x = 0; x < E; x++)
+        if (start[x + 1] > start[x]) {
+            const int64_t s = start[x], n = start[x + 1] - s;
+            mm_rows(&down[x], a, e, hs + s * I, I, n, ys + s * lin, lin, ws + s, NULL, 0, tile);
+        }
     barrier(nt);
     share(lin, t, nt, 8, &a, &e);                                /* each row's k expert outputs, summed */
     for (int64_t b = 0; b < B; b++) {
         float *dst = Lt ? f + b * F + E : S->h + b * d;
         for (int64_t i = a; i < e; i++) {
             float s = 0.0f;
-            for (int64_t j = 0; j < k; j++) s += ypair[(b * k + j) * lin + i];
+            for (int64_t j = 0; j < k; j++) s += ys[where[b * k + j] * lin + i];
             dst[i] = Lt ? s : dst[i] + s;
         }
     }

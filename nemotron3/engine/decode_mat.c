@@ -7,9 +7,14 @@
  *   NVFP4 uint8 [rows, cols/2] E2M1 codes (element 0 in the low nibble), e4m3 block scales [rows, cols/16],
  *         fp32 tensor scale s2                                  value = e2m1 * scale_b * s2
  * `mm_rows` computes output rows [r0, r1) of Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] * W @ X[b] for B rows;
- * the threads of a step each take a slice of the output rows. Weights are decoded to fp32 in registers:
- * with one row (B = 1) straight into the multiply-adds; with more, four weight rows at a time into an
- * L1/L2-resident fp32 tile that every row of X then reads (the weight is read from memory once per call).
+ * the threads of a step each take a slice of the output rows, four weight rows at a time. Weights are
+ * decoded to fp32 in registers, and read from memory once per call for all B rows:
+ *   B = 1     straight into the multiply-adds, one dot product per weight row (dot_rows);
+ *   B = 2, 3  the same, each decoded weight vector times every row of X (few_avx2);
+ *   B > 3     the four rows decoded into an L1-resident fp32 tile [4, K] (F32: the weight itself); X^T [K, B
+ *             padded to 8s] built once per call; a register-blocked micro-kernel (panel_avx2) broadcasts each
+ *             weight over vectors of 8 rows of X^T, 4 x (1..3) accumulators of 8 rows along k, no horizontal
+ *             sums (one 4 x 8 transpose per block at the end).
  *
  * AVX2+FMA+F16C (-march=native where the CPU has them) decodes 8 weights per instruction sequence:
  * bf16 by a widening shift, e4m3 through F16C (the bits moved into an fp16, times 2^8), E2M1 through a
@@ -177,7 +182,7 @@ static void dot_rows(const Mat *M, int64_t o, int R, const float *restrict x, fl
     }
 }
 
-/* R weight rows from o decoded into tile [R, K] fp32 (for F32, the weight itself is used instead). */
+/* R weight rows from o decoded into tile [R, K] fp32. */
 static void decode_rows(const Mat *M, int64_t o, int R, float *restrict tile) {
     const int64_t K = M->cols;
 #if N3_AVX2
@@ -190,30 +195,183 @@ static void decode_rows(const Mat *M, int64_t o, int R, float *restrict tile) {
         for (int64_t k = 0; k < K; k++) tile[r * K + k] = wget(M, o + r, k);
 }
 
-/* Output rows [r0, r1) of Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] W @ X[b], b < B; X rows at stride ldx,
- * Y rows at stride ldy, alpha / bias NULL = 1 / 0. tile: scratch of 4 x cols floats (B > 1 only). */
-static void mm_rows(const Mat *M, int64_t r0, int64_t r1, const float *X, int64_t ldx, int64_t B, float *Y,
-                    int64_t ldy, const float *alpha, const float *bias, int acc, float *tile) {
+/* Floats of mm_rows' scratch for B rows of `cols` inputs: the weight tile [4, cols] and X^T [cols, B to 8s]. */
+static inline int64_t mm_scratch(int64_t B, int64_t cols) { return (4 + ((B + 7) & ~(int64_t)7)) * cols; }
+
+#if N3_AVX2
+/* v held in a register: the compiler would otherwise fold its load into each multiply-add that uses it. */
+#define KEEP(v) __asm__("" : "+x"(v))
+
+/* B = 2, 3 (MR rows of X): Y[i, r] = (acc ? Y[i, r] : 0) + bias[r] + alpha[i] W[o + r] . X[i] for R (1 or 4)
+ * weight rows decoded by load16 as they are read (16 k at a time), one accumulator per (i, r) along k, reduced
+ * at the end (R = 4: one horizontal-add tree for the four). Y and bias start at output o. */
+INLINE void few_avx2(const Mat *M, const int fmt, int64_t o, const int R, const int MR, const float *X, int64_t ldx,
+                     float *Y, int64_t ldy, const float *alpha, const float *bias, int acc) {
     const int64_t K = M->cols;
-    float d[4];
+    __m256 a[3][4];
+    for (int i = 0; i < MR; i++)
+        for (int r = 0; r < R; r++) a[i][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m256 xl[3], xh[3];
+        for (int i = 0; i < MR; i++) {
+            xl[i] = _mm256_loadu_ps(X + i * ldx + k), xh[i] = _mm256_loadu_ps(X + i * ldx + k + 8);
+            if (MR < 3) {                                        /* 3 rows: not enough registers */
+                KEEP(xl[i]);
+                KEEP(xh[i]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            __m256 lo, hi;
+            load16(M, fmt, o + r, k, &lo, &hi);
+            for (int i = 0; i < MR; i++) {
+                a[i][r] = _mm256_fmadd_ps(lo, xl[i], a[i][r]);
+                a[i][r] = _mm256_fmadd_ps(hi, xh[i], a[i][r]);
+            }
+        }
+    }
+    const float sc = vec_scale(M);
+    for (int i = 0; i < MR; i++) {
+        float *y = Y + i * ldy;
+        const float al = (alpha ? alpha[i] : 1.0f) * sc;
+        if (R == 4) {
+            const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[i][0], a[i][1]), _mm256_hadd_ps(a[i][2], a[i][3]));
+            __m128 v = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), _mm_set1_ps(al));
+            if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias));
+            _mm_storeu_ps(y, acc ? _mm_add_ps(_mm_loadu_ps(y), v) : v);
+        } else {
+            const float v = hsum(a[i][0]) * al + (bias ? bias[0] : 0.0f);
+            y[0] = acc ? y[0] + v : v;
+        }
+    }
+}
+
+#define FEW(F, R_) if (MR == 2) few_avx2(M, F, o, R_, 2, X, ldx, Y, ldy, alpha, bias, acc); \
+                   else few_avx2(M, F, o, R_, 3, X, ldx, Y, ldy, alpha, bias, acc)
+#define FEW_R(F) if (R == 4) FEW(F, 4); else FEW(F, 1)
+static void few_rows(const Mat *M, int64_t o, int R, int MR, const float *X, int64_t ldx, float *Y, int64_t ldy,
+                     const float *alpha, const float *bias, int acc) {
+    switch (M->fmt) {
+    case F32: FEW_R(F32); break;
+    case BF16: FEW_R(BF16); break;
+    case FP8: FEW_R(FP8); break;
+    default: FEW_R(NVFP4);
+    }
+}
+
+/* B > 3: rows b0 .. b0 + 8 NB of the product for R (1 or 4) fp32 weight rows w [R, K]: for each k the R weights
+ * broadcast times NB vectors of X^T [K, ldt] (8 rows of X each), into R x NB accumulators along k (NB = 1: two
+ * sets, even and odd k, added at the end). Rows b >= B are X^T's zero padding, not stored. */
+INLINE void panel_avx2(const float *w, int64_t K, const int R, const int NB, const float *XT, int64_t ldt, int64_t b0,
+                       int64_t B, float *Y, int64_t ldy, const float *alpha, const float *bias, int acc) {
+    __m256 a[4][3], c[4];
+    for (int r = 0; r < R; r++) {
+        c[r] = _mm256_setzero_ps();
+        for (int j = 0; j < NB; j++) a[r][j] = _mm256_setzero_ps();
+    }
+    const float *xt = XT + b0;
+    if (NB == 1)
+        for (int64_t k = 0; k < K; k += 2) {
+            __m256 x0 = _mm256_loadu_ps(xt + k * ldt), x1 = _mm256_loadu_ps(xt + (k + 1) * ldt);
+            KEEP(x0);
+            KEEP(x1);
+            for (int r = 0; r < R; r++) {
+                a[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * K + k), x0, a[r][0]);
+                c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * K + k + 1), x1, c[r]);
+            }
+        }
+    else
+#pragma GCC unroll 2
+        for (int64_t k = 0; k < K; k++) {
+            __m256 x[3];
+            for (int j = 0; j < NB; j++) {
+                x[j] = _mm256_loadu_ps(xt + k * ldt + 8 * j);
+                KEEP(x[j]);
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256 v = _mm256_broadcast_ss(w + r * K + k);
+                for (int j = 0; j < NB; j++) a[r][j] = _mm256_fmadd_ps(v, x[j], a[r][j]);
+            }
+        }
+    if (NB == 1)
+        for (int r = 0; r < R; r++) a[r][0] = _mm256_add_ps(a[r][0], c[r]);
+    float q[3][32];       /* R = 4: row b0 + 8 j + i's four outputs at q[j] + 8 (i % 4) + 4 (i / 4); R = 1: q[j][i] */
+    for (int j = 0; j < NB; j++)
+        if (R == 4) {     /* [4 outputs, 8 rows] -> vectors of (row i, row i + 4)'s four outputs */
+            const __m256 t0 = _mm256_unpacklo_ps(a[0][j], a[1][j]), t1 = _mm256_unpackhi_ps(a[0][j], a[1][j]);
+            const __m256 t2 = _mm256_unpacklo_ps(a[2][j], a[3][j]), t3 = _mm256_unpackhi_ps(a[2][j], a[3][j]);
+            _mm256_storeu_ps(q[j], _mm256_shuffle_ps(t0, t2, 0x44));
+            _mm256_storeu_ps(q[j] + 8, _mm256_shuffle_ps(t0, t2, 0xee));
+            _mm256_storeu_ps(q[j] + 16, _mm256_shuffle_ps(t1, t3, 0x44));
+            _mm256_storeu_ps(q[j] + 24, _mm256_shuffle_ps(t1, t3, 0xee));
+        } else
+            _mm256_storeu_ps(q[j], a[0][j]);
+    for (int64_t b = b0; b < B && b < b0 + 8 * NB; b++) {
+        const int64_t j = (b - b0) / 8, i = (b - b0) % 8;
+        float *y = Y + b * ldy;
+        if (R == 4) {
+            __m128 v = _mm_loadu_ps(q[j] + 8 * (i % 4) + 4 * (i / 4));
+            if (alpha) v = _mm_mul_ps(v, _mm_set1_ps(alpha[b]));
+            if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias));
+            _mm_storeu_ps(y, acc ? _mm_add_ps(_mm_loadu_ps(y), v) : v);
+        } else {
+            const float v = (alpha ? alpha[b] : 1.0f) * q[j][i] + (bias ? bias[0] : 0.0f);
+            y[0] = acc ? y[0] + v : v;
+        }
+    }
+}
+
+#define PANEL(R_, NB_) panel_avx2(w, K, R_, NB_, XT, ldt, b, B, Y, ldy, alpha, bias, acc)
+#define PANEL_NB(R_) if (NB == 1) PANEL(R_, 1); else if (NB == 2) PANEL(R_, 2); else PANEL(R_, 3)
+static void panel_rows(const float *w, int64_t K, int R, const float *XT, int64_t ldt, int64_t B, float *Y,
+                       int64_t ldy, const float *alpha, const float *bias, int acc) {
+    for (int64_t b = 0; b < B;) {                   /* vectors of 8 rows in blocks of 3 (4 left: 2 + 2) */
+        const int64_t left = (B - b + 7) / 8;
+        const int NB = left == 4 ? 2 : left < 3 ? (int)left : 3;
+        if (R == 4) PANEL_NB(4); else PANEL_NB(1);
+        b += 8 * NB;
+    }
+}
+#endif
+
+/* Output rows [r0, r1) of Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] W @ X[b], b < B; X rows at stride ldx,
+ * Y rows at stride ldy, alpha / bias NULL = 1 / 0. scratch: mm_scratch(B, cols) floats (B > 1 only).
+ * Four weight rows at a time (the last rows one at a time). B = 1: dot_rows; B = 2, 3: few_avx2; more: X^T
+ * built once per call, then four rows at a time decoded into the fp32 tile (F32: the weight itself) for
+ * panel_avx2. Without AVX2 (or cols not a multiple of 16): the tile, then dot_rows for each row of X. */
+static void mm_rows(const Mat *M, int64_t r0, int64_t r1, const float *X, int64_t ldx, int64_t B, float *Y,
+                    int64_t ldy, const float *alpha, const float *bias, int acc, float *scratch) {
+    const int64_t K = M->cols;
+    const int vec = N3_AVX2 && K % 16 == 0;
+    float *tile = scratch, *XT = scratch + 4 * K, d[4];
+    const int64_t ldt = (B + 7) & ~(int64_t)7;
+    if (vec && B > 3)                                            /* X^T [K, ldt], zero padded */
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t b = 0; b < ldt; b++) XT[k * ldt + b] = b < B ? X[b * ldx + k] : 0.0f;
     for (int64_t o = r0; o < r1;) {
         const int R = r1 - o >= 4 ? 4 : 1;
-        if (B == 1) {
-            dot_rows(M, o, R, X, d);
-            for (int r = 0; r < R; r++) {
-                const float v = (alpha ? alpha[0] : 1.0f) * d[r] + (bias ? bias[o + r] : 0.0f);
-                Y[o + r] = acc ? Y[o + r] + v : v;
-            }
-        } else {
-            const Mat T = {F32, R, K, M->fmt == F32 ? (const float *)M->w + o * K : tile, NULL, 1.0f};
+        const float *bo = bias ? bias + o : NULL;
+#if N3_AVX2
+        if (vec && B > 1 && B <= 3) {
+            few_rows(M, o, R, (int)B, X, ldx, Y + o, ldy, alpha, bo, acc);
+            o += R;
+            continue;
+        }
+        if (vec && B > 3) {
             if (M->fmt != F32) decode_rows(M, o, R, tile);
-            for (int64_t b = 0; b < B; b++) {
-                dot_rows(&T, 0, R, X + b * ldx, d);
-                float *y = Y + b * ldy;
-                for (int r = 0; r < R; r++) {
-                    const float v = (alpha ? alpha[b] : 1.0f) * d[r] + (bias ? bias[o + r] : 0.0f);
-                    y[o + r] = acc ? y[o + r] + v : v;
-                }
+            panel_rows(M->fmt == F32 ? (const float *)M->w + o * K : tile, K, R, XT, ldt, B, Y + o, ldy, alpha, bo,
+                       acc);
+            o += R;
+            continue;
+        }
+#endif
+        const Mat T = {F32, R, K, tile, NULL, 1.0f};
+        if (B > 1 && M->fmt != F32) decode_rows(M, o, R, tile);
+        for (int64_t b = 0; b < B; b++) {
+            dot_rows(B > 1 && M->fmt != F32 ? &T : M, B > 1 && M->fmt != F32 ? 0 : o, R, X + b * ldx, d);
+            float *y = Y + b * ldy + o;
+            for (int r = 0; r < R; r++) {
+                const float v = (alpha ? alpha[b] : 1.0f) * d[r] + (bo ? bo[r] : 0.0f);
+                y[r] = acc ? y[r] + v : v;
             }
         }
         o += R;

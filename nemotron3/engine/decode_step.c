@@ -11,10 +11,10 @@
  *
  * Threads (decode_pool.c): every phase of a layer is split over the nt threads of the call and phases
  * are separated by barriers. Matrix products split their output rows; the conv over channels; the SSM
- * and the gated norm over (row, norm group); attention over (row, KV head); routing over rows; routed
- * experts over the active experts (each thread runs whole experts; each row then sums its experts'
- * outputs in routing order). The result does not depend on nt: every output element is computed by one
- * thread, in the same order whatever the split.
+ * and the gated norm over (row, norm group); attention over (row, KV head); routing over rows; each routed
+ * expert's products by output rows too (each row then sums its experts' outputs in routing order). The
+ * result does not depend on nt: every output element is computed by one thread, in the same order whatever
+ * the split.
  *
  * Built on first use by decode_plan.py with the system C compiler (-march=native where it works), loaded
  * with ctypes. No -ffast-math: it would link crtfastmath.o and turn on flush-to-zero for the whole
@@ -85,10 +85,10 @@ static float dot(const float *restrict a, const float *restrict b, int64_t n) {
 
 /* Thread t's share of M's output rows, written to Y (stride ldy) for the B rows of X (stride ldx). */
 static void mm_share(const Mat *M, int t, int nt, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy,
-                     const float *bias, int acc, float *tile) {
+                     const float *bias, int acc, float *scratch) {
     int64_t a, b;
     share(M->rows, t, nt, 4, &a, &b);
-    mm_rows(M, a, b, X, ldx, B, Y, ldy, NULL, bias, acc, tile);
+    mm_rows(M, a, b, X, ldx, B, Y, ldy, NULL, bias, acc, scratch);
 }
 
 /* rows [a, b) of Y [B, ld]: relu(y)^2 on columns [c0, c1) */
@@ -150,7 +150,7 @@ int n3_decode_rows(const Layer *layers, int64_t n_layers, int64_t d, int64_t B, 
                    const int64_t *tokens, const double *eps, void *const *state, const int64_t *cap,
                    const int64_t *pos, const float *norm_f, double eps_f, float *out, const Mat *head,
                    float *logits, int64_t threads) {
-    int64_t shared = 0, per = head ? 4 * d : 0, ints = 0, T = 0;
+    int64_t shared = 0, per = head ? mm_scratch(B, d) : 0, ints = 0, T = 0;
     const int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
     for (int64_t b = 0; b < B; b++) T = pos[b] + 1 > T ? pos[b] + 1 : T;
     for (int64_t i = 0; i < n_layers; i++) {
@@ -201,7 +201,7 @@ typedef struct {
 
 static void matmul_thread(void *arg, int t, int nt) {
     const MatJob *J = arg;
-    mm_share(J->M, t, nt, J->X, J->M->cols, J->B, J->Y, J->M->rows, NULL, 0, J->tiles + t * 4 * J->M->cols);
+    mm_share(J->M, t, nt, J->X, J->M->cols, J->B, J->Y, J->M->rows, NULL, 0, J->tiles + t * mm_scratch(J->B, J->M->cols));
 }
 
 /* The attention layer's own K/V encoding and decoding, for tests against torch's: n values of x [n] fp32 as a
@@ -218,7 +218,7 @@ void n3_kv_load(float *dst, const void *src, int64_t n, int64_t bytes, float sca
 
 int n3_matmul(const Mat *M, const float *X, int64_t B, float *Y, int64_t threads) {
     const int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
-    MatJob J = {M, X, B, Y, malloc((size_t)(nt * 4 * M->cols) * sizeof(float))};
+    MatJob J = {M, X, B, Y, malloc((size_t)(nt * mm_scratch(B, M->cols)) * sizeof(float))};
     if (!J.tiles) return -1;
     parallel(matmul_thread, &J, nt);
     free(J.tiles);
