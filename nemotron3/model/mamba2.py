@@ -66,18 +66,20 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
 
 
 def decay_matrix_t(a: torch.Tensor) -> torch.Tensor:
-    """exp(segsum(a)) transposed, for a [..., L]: out[..., s, t] = exp(sum(a[..., s+1 : t+1])) for t >= s, else 0.
-    The masked running sum goes along the contiguous last axis (segsum's runs down the rows) and is the same
-    sequential sum, so the values equal segsum's."""
+    """exp(segsum(a)) transposed without its mask, for a [..., L]: out[..., s, t] = exp(sum(a[..., s+1 : t+1]))
+    for t >= s and 1 below the diagonal (the caller masks the group-level C.B, r times smaller). The masked running
+    sum goes along the contiguous last axis (segsum's runs down the rows) and is the same sequential sum, so
+    the values on and above the diagonal equal segsum's."""
     L = a.shape[-1]
     later = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(1)            # [s, t]: t > s
-    return torch.where(later, a[..., None, :], 0.0).cumsum(-1).exp().triu()
+    return torch.where(later, a[..., None, :], 0.0).cumsum(-1).exp()
 
 
 def _ssd_segment(x, dt, A, B, C, chunk_size: int, initial_state=None):
-    """One segment of `ssd_scan`. Head-major layouts ([b, h, c, L, .]; B and C expanded once from their g groups
-    to the h heads) make every contraction a batched matmul on contiguous or transposed operands, without the
-    per-term permute copies of an einsum form."""
+    """One segment of `ssd_scan`. Head-major layouts ([b, h, c, L, .]) make every contraction a batched matmul on
+    contiguous or transposed operands (the einsum form copied a permuted operand per term); the per-head decays
+    are folded into B and C as they are broadcast from their g groups to the h heads, which is also the one
+    copy that broadcast needs."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -87,18 +89,17 @@ def _ssd_segment(x, dt, A, B, C, chunk_size: int, initial_state=None):
         x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
         B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
     c, L = (l + pad) // chunk_size, chunk_size
-    xdt = (x * dt[..., None]).transpose(1, 2).reshape(b, h, c, L, p)
+    xdt = (x * dt[..., None]).transpose(1, 2).contiguous().view(b, h, c, L, p)
     a = (dt * A.float()).transpose(1, 2).reshape(b, h, c, L)
     a_cum = torch.cumsum(a, dim=-1)                                        # [b, h, c, L]
-    B = B.transpose(1, 2).reshape(b, g, 1, c, L, n)
-    C = C.transpose(1, 2).reshape(b, g, 1, c, L, n)
-    Bh, Ch = (t.expand(b, g, r, c, L, n).reshape(b, h, c, L, n) for t in (B, C))
+    B = B.transpose(1, 2).contiguous().view(b, g, 1, c, L, n)
+    C = C.transpose(1, 2).contiguous().view(b, g, 1, c, L, n)
     # 1. intra-chunk (diagonal blocks): y_t = sum_{s<=t} C_t.B_s exp(a_{s+1..t}) dt_s x_s, weights built as [s, t]
-    Wt = (B @ C.transpose(-1, -2)) * decay_matrix_t(a).view(b, g, r, c, L, L)    # [b, g, r, c, L(s), L(t)]
-    y = Wt.view(b, h, c, L, L).transpose(-1, -2) @ xdt                   # [b, h, c, L, p]
-    # 2. state of each chunk at its end, from its own inputs: sum_s exp(a_{s+1..end}) (dt_s x_s) B_s^T
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)[..., None]          # [b, h, c, L, 1]
-    states = (xdt * decay_to_end).transpose(-1, -2) @ Bh                  # [b, h, c, p, n]
+    Wt = (B @ C.transpose(-1, -2)).triu() * decay_matrix_t(a).view(b, g, r, c, L, L)  # [b, g, r, c, L(s), L(t)]
+    y = Wt.view(b * h * c, L, L).transpose(-1, -2) @ xdt.view(b * h * c, L, p)        # [bhc, L, p]
+    # 2. state of each chunk at its end, from its own inputs: sum_s (dt_s x_s) (exp(a_{s+1..end}) B_s)^T
+    B_end = B * torch.exp(a_cum[..., -1:] - a_cum).view(b, g, r, c, L, 1)              # [b, g, r, c, L, n]
+    states = xdt.transpose(-1, -2) @ B_end.reshape(b, h, c, L, n)                       # [b, h, c, p, n]
     # 3. recurrence over chunks (with the initial state as chunk "-1"): the state entering each chunk, and the final
     init = states.new_zeros(b, h, 1, p * n) if initial_state is None else \
         initial_state.float().reshape(b, h, 1, p * n)
@@ -106,8 +107,9 @@ def _ssd_segment(x, dt, A, B, C, chunk_size: int, initial_state=None):
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))        # [b, h, c+1, c+1]
     entering = chunk_decay[:, :, :c] @ states                              # [b, h, c, p*n]
     final = (chunk_decay[:, :, c:] @ states).view(b, h, p, n)
-    # 4. contribution of the state entering each chunk: exp(a_{start..t}) C_t . state_in
-    y = y + (Ch @ entering.view(b, h, c, p, n).transpose(-1, -2)) * torch.exp(a_cum)[..., None]
+    # 4. contribution of the state entering each chunk: (exp(a_{start..t}) C_t) . state_in, added in place
+    C_in = C * torch.exp(a_cum).view(b, g, r, c, L, 1)                    # [b, g, r, c, L, n]
+    y = y.baddbmm_(C_in.reshape(b * h * c, L, n), entering.view(b * h * c, p, n).transpose(-1, -2))
     y = y.view(b, h, c * L, p).transpose(1, 2)[:, :l]                     # [b, l, h, p]
     return y, final
 
