@@ -193,7 +193,7 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(Bsz, T, H, P)
         ssm0 = None if state is None else state[1]
         y, ssm = ssd_scan(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N), self.config.chunk_size, ssm0)
-        y = y + self.D.float()[:, None] * x.float()
+        y = x.float() * self.D.float()[:, None] + y         # x first: the sum comes out [B, T, H, P], not head-major
         y = self.norm(y.reshape(Bsz, T, self.d_inner), z)
         out = self.out_proj(y.to(u.dtype))
         return out, (None if state is None else (new_conv, ssm))
