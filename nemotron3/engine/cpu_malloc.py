@@ -3,11 +3,12 @@
 PyTorch's CPU allocator is plain malloc/free. glibc serves a block above its mmap threshold (128 KiB at first,
 raised adaptively) with a fresh mmap and trims the heap top once more than 2x that is free, so a forward that
 allocates and frees MB-sized activations unmaps memory and faults it back in (zeroed by the kernel) over and over:
-~8K page faults (32 MB) per 512-token pico prefill. Fixing the mmap threshold at glibc's maximum (32 MiB) and the
-trim threshold at 256 MiB keeps that memory for reuse; resident memory after a forward then includes its
-freed transients (up to their peak, at most 256 MiB at the heap top), not more. Prefill time on the loaded 2-core
-bench machine: bench/RESULTS.md (issue 21). An explicit `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_`
-in the environment wins; other C libraries (or a preloaded allocator) are left alone.
+~8K page faults (32 MB) per 512-token pico prefill. Fixing the mmap threshold at the largest value its adaptive
+rule reaches (32 MiB) and the trim threshold at 64 MiB (2x, the rule's ratio) keeps that memory for reuse; resident
+memory after a forward then includes freed transients up to 64 MiB at the heap top, as glibc's own adaptation
+can, but from the first forward on. Prefill time on the loaded 2-core bench machine: bench/RESULTS.md (issue 21).
+An explicit `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the environment wins; other C libraries (or a
+preloaded allocator) are left alone.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3           # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD = 32 << 20                             # glibc's largest accepted value on 64-bit
-TRIM_THRESHOLD = 256 << 20
+TRIM_THRESHOLD = 64 << 20                             # 2x the mmap threshold, as glibc's adaptive rule keeps
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _applied = False
 
