@@ -35,6 +35,7 @@ import torch
 from ..model import HybridCache, NemotronHForCausalLM
 from ..tokenizer import encode_text
 from . import speculative
+from .cpu_malloc import keep_freed_memory
 from .decode_plan import DecodePlan, matmul as decode_matmul, native_library, supported as decode_supported
 from .detokenizer import Detokenizer
 from .grammar import Grammars
@@ -120,6 +121,8 @@ class LLMEngine:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must exceed max_num_seqs x "
                              f"(1 + num_speculative_tokens) = {need}, or prefills could starve")
         self.model = model.eval()
+        if model.device.type == "cpu":
+            keep_freed_memory()            # prefill without page-faulting its activations (cpu_malloc.py)
         self.tokenizer = tokenizer
         self._detok_backend = None if tokenizer is None else getattr(tokenizer, "backend_tokenizer", None)
         if tokenizer is not None and self._detok_backend is None:

@@ -8,7 +8,9 @@ Whole sequences use the chunked state-space-duality scan (`ssd_scan`, Mamba-2 pa
 an intra-chunk quadratic term plus an inter-chunk recurrence over chunk states, exact for any length
 (not only multiples of `chunk_size`), with an optional initial state and the final state returned, so
 chunked prefill continues exactly where the previous chunk stopped. One new token uses the recurrent
-update (`ssm_step`); both give the same numbers up to fp32 rounding.
+update (`ssm_step`); both give the same numbers up to fp32 rounding. The scan's contractions are batched matmuls in
+head-major layouts (`_ssd_segment`) and the prefill conv a time-major K-tap sum (`causal_conv`): the einsum /
+oneDNN forms spent most of a CPU prefill's Mamba time in permute copies and transposes (issue 21).
 
 Speculative verification (`record=True`) runs a few tokens through the recurrent update one at a time
 and returns the conv window and SSM state after *every* position, so the engine can keep the state of
@@ -63,7 +65,21 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
     return torch.cat(ys, dim=1), state
 
 
+def decay_matrix_t(a: torch.Tensor) -> torch.Tensor:
+    """exp(segsum(a)) transposed without its mask, for a [..., L]: out[..., s, t] = exp(sum(a[..., s+1 : t+1]))
+    for t >= s and 1 below the diagonal (the caller masks the group-level C.B, r times smaller). The masked running
+    sum goes along the contiguous last axis (segsum's runs down the rows) and is the same sequential sum, so
+    the values on and above the diagonal equal segsum's."""
+    L = a.shape[-1]
+    later = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(1)            # [s, t]: t > s
+    return torch.where(later, a[..., None, :], 0.0).cumsum(-1).exp()
+
+
 def _ssd_segment(x, dt, A, B, C, chunk_size: int, initial_state=None):
+    """One segment of `ssd_scan`. Head-major layouts ([b, h, c, L, .]) make every contraction a batched matmul on
+    contiguous or transposed operands (the einsum form copied a permuted operand per term); the per-head decays
+    are folded into B and C as they are broadcast from their g groups to the h heads, which is also the one
+    copy that broadcast needs."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -73,31 +89,43 @@ def _ssd_segment(x, dt, A, B, C, chunk_size: int, initial_state=None):
         x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
         B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
     c, L = (l + pad) // chunk_size, chunk_size
-    xdt = (x * dt[..., None]).view(b, c, L, g, r, p)
-    a = (dt * A.float()).view(b, c, L, h).permute(0, 3, 1, 2)          # [b, h, c, L]
-    a_cum = torch.cumsum(a, dim=-1)
-    B = B.view(b, c, L, g, n)
-    C = C.view(b, c, L, g, n)
-    # 1. intra-chunk (diagonal blocks): y_t = sum_{s<=t} C_t.B_s exp(a_{s+1..t}) dt_s x_s
-    decay = torch.exp(segsum(a)).view(b, g, r, c, L, L)                  # [b, g, r, c, L(t), L(s)]
-    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)                          # [b, g, c, L, L]
-    W = CB[:, :, None] * decay                                             # [b, g, r, c, L, L]
-    y = torch.einsum("bgrcls,bcsgrp->bclgrp", W, xdt)
-    # 2. state of each chunk at its end, from its own inputs
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).view(b, g, r, c, L)
-    states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", B, decay_to_end, xdt)
-    # 3. recurrence over chunks (with the initial state as chunk "-1")
-    init = torch.zeros_like(states[:, :1]) if initial_state is None else \
-        initial_state.float().view(b, 1, g, r, p, n)
-    states = torch.cat([init, states], dim=1)                              # [b, c+1, g, r, p, n]
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0)))).view(b, g, r, c + 1, c + 1)
-    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, states)
-    final = states[:, -1].reshape(b, h, p, n)
-    # 4. contribution of the state entering each chunk
-    decay_in = torch.exp(a_cum).view(b, g, r, c, L)
-    y = y + torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, states[:, :-1], decay_in)
-    y = y.reshape(b, c * L, h, p)[:, :l]
+    xdt = (x * dt[..., None]).transpose(1, 2).contiguous().view(b, h, c, L, p)
+    a = (dt * A.float()).transpose(1, 2).reshape(b, h, c, L)
+    a_cum = torch.cumsum(a, dim=-1)                                        # [b, h, c, L]
+    B = B.transpose(1, 2).contiguous().view(b, g, 1, c, L, n)
+    C = C.transpose(1, 2).contiguous().view(b, g, 1, c, L, n)
+    # 1. intra-chunk (diagonal blocks): y_t = sum_{s<=t} C_t.B_s exp(a_{s+1..t}) dt_s x_s, weights built as [s, t]
+    Wt = (B @ C.transpose(-1, -2)).triu() * decay_matrix_t(a).view(b, g, r, c, L, L)  # [b, g, r, c, L(s), L(t)]
+    y = Wt.view(b * h * c, L, L).transpose(-1, -2) @ xdt.view(b * h * c, L, p)        # [bhc, L, p]
+    # 2. state of each chunk at its end, from its own inputs: sum_s (dt_s x_s) (exp(a_{s+1..end}) B_s)^T
+    B_end = B * torch.exp(a_cum[..., -1:] - a_cum).view(b, g, r, c, L, 1)              # [b, g, r, c, L, n]
+    states = xdt.transpose(-1, -2) @ B_end.reshape(b, h, c, L, n)                       # [b, h, c, p, n]
+    # 3. recurrence over chunks (with the initial state as chunk "-1"): the state entering each chunk, and the final
+    init = states.new_zeros(b, h, 1, p * n) if initial_state is None else \
+        initial_state.float().reshape(b, h, 1, p * n)
+    states = torch.cat([init, states.view(b, h, c, p * n)], dim=2)        # [b, h, c+1, p*n]
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))        # [b, h, c+1, c+1]
+    entering = chunk_decay[:, :, :c] @ states                              # [b, h, c, p*n]
+    final = (chunk_decay[:, :, c:] @ states).view(b, h, p, n)
+    # 4. contribution of the state entering each chunk: (exp(a_{start..t}) C_t) . state_in, added in place
+    C_in = C * torch.exp(a_cum).view(b, g, r, c, L, 1)                    # [b, g, r, c, L, n]
+    y = y.baddbmm_(C_in.reshape(b * h * c, L, n), entering.view(b * h * c, p, n).transpose(-1, -2))
+    y = y.view(b, h, c * L, p).transpose(1, 2)[:, :l]                     # [b, l, h, p]
     return y, final
+
+
+def causal_conv(window: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal conv as a K-tap sum in time-major layout, accumulated in fp32 from the bias:
+    window [B, K-1+T, C], w [C, 1, K] -> [B, T, C] in w's dtype. oneDNN's conv1d wants [B, C, T] (two
+    transposes of the in_proj output); each tap is a contiguous [C] row, so the broadcasts vectorise."""
+    K, dtype = w.shape[-1], w.dtype
+    T = window.shape[1] - (K - 1)
+    w = w[:, 0].t().float().contiguous()                                   # [K, C]: contiguous per tap (vectorised)
+    x = window.float()
+    out = x[:, :T] * w[0] if bias is None else torch.addcmul(bias.float(), x[:, :T], w[0])
+    for k in range(1, K):
+        out = out.addcmul_(x[:, k:k + T], w[k])
+    return out.to(dtype)
 
 
 def ssm_step(state, x, dt, A, B, C, inplace: bool = False):
@@ -151,16 +179,12 @@ class Mamba2Mixer(nn.Module):
         if pad_mask is not None:
             u = u * pad_mask[..., None].to(u.dtype)
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
-        # causal depthwise conv over time, continuing from the cached window
-        xBC = xBC.transpose(1, 2)                                          # [B, C, T]
-        w = self.conv1d.weight
-        if state is None:          # zero history: let the conv pad instead of concatenating zeros
-            window, pad = xBC, self.kernel - 1
-        else:
-            window, pad = torch.cat([state[0].to(xBC.dtype), xBC], dim=-1), 0
-        xBC = F.conv1d(window.to(w.dtype), w, self.conv1d.bias, padding=pad, groups=self.conv_dim)[..., :T]
-        xBC = F.silu(xBC).to(u.dtype).transpose(1, 2)
-        new_conv = None if state is None else window[:, :, window.shape[-1] - (self.kernel - 1):]
+        # causal depthwise conv over time, continuing from the cached window (zeros without a state)
+        hist = xBC.new_zeros(Bsz, self.kernel - 1, self.conv_dim) if state is None else \
+            state[0].transpose(1, 2).to(xBC.dtype)
+        window = torch.cat([hist, xBC], dim=1)                             # [B, K-1+T, C]
+        xBC = F.silu(causal_conv(window, self.conv1d.weight, self.conv1d.bias)).to(u.dtype)   # [B, T, C]
+        new_conv = None if state is None else window[:, T:].transpose(1, 2)
         if pad_mask is not None:
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
@@ -169,7 +193,7 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(Bsz, T, H, P)
         ssm0 = None if state is None else state[1]
         y, ssm = ssd_scan(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, G, N), self.config.chunk_size, ssm0)
-        y = y + self.D.float()[:, None] * x.float()
+        y = x.float() * self.D.float()[:, None] + y         # x first: the sum comes out [B, T, H, P], not head-major
         y = self.norm(y.reshape(Bsz, T, self.d_inner), z)
         out = self.out_proj(y.to(u.dtype))
         return out, (None if state is None else (new_conv, ssm))

@@ -20,6 +20,7 @@ from torch import nn
 from . import nvfp4
 
 DEFAULT_CHUNK_ROWS = 1024
+BF16_CHUNK_ELEMENTS = 1 << 22         # BF16Linear's default: fp32 rows widened at a time, in elements
 
 
 def _quant_bits_per_element(module: nn.Module, numel: int) -> float:
@@ -148,15 +149,18 @@ class BF16Linear(_QuantLinearBase):
     """W16A32: a bf16 weight kept as stored (half the bytes of fp32), multiplied with fp32 activations. The CPU
     decode kernel reads it in place (widening loads); ``forward`` (prefill) widens ``chunk_rows`` rows at a time
     and runs the fp32 GEMM, which on CPUs without AVX512_BF16 / AMX is ~5x faster than torch's bf16 GEMM
-    (bench/cpu_gemm.py)."""
+    (bench/cpu_gemm.py). The default ``chunk_rows`` bounds the transient fp32 rows by elements
+    (``BF16_CHUNK_ELEMENTS``, 16 MiB) rather than rows: a small model's linears then run as one GEMM each, with no
+    split output to copy back (pico's 1288-row in_proj took two GEMMs and a copy at 1024 rows)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, device=None):
+                 chunk_rows: int | None = None, device=None):
+        chunk_rows = max(1, BF16_CHUNK_ELEMENTS // in_features) if chunk_rows is None else chunk_rows
         super().__init__(in_features, out_features, bias, dtype, chunk_rows, device)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> "BF16Linear":
+    def from_linear(cls, linear: nn.Linear, chunk_rows: int | None = None) -> "BF16Linear":
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 dtype=linear.bias.dtype if linear.bias is not None else torch.float32, chunk_rows=chunk_rows,
