@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,7 @@ def _bias(*mods) -> torch.Tensor | None:
                       for m in mods])[None]
 
 
+_VERSION = attrgetter("_version")
 MAX_WEIGHT_BYTES = 4 << 30      # the plan copies the weights: no plan for models larger than this
 
 
@@ -148,7 +150,7 @@ class DecodePlan:
         self.threads = threads
         self.key = weights_key(model)
         self.params = _tracked(model)
-        self.versions = [p._version for p in self.params]
+        self.versions = sum(map(_VERSION, self.params))
         self.kinds = [(blk.kind, blk.layer_id) for blk in model.backbone.layers]
         self.emb = model.backbone.embeddings.weight.detach()
         self.norm_f = model.backbone.norm_f.weight.detach().float()
@@ -172,7 +174,7 @@ class DecodePlan:
             return True                      # the C layers point at the replaced buffer's memory
         if full:
             return weights_key(self.model) != self.key
-        return [p._version for p in self.params] != self.versions
+        return sum(map(_VERSION, self.params)) != self.versions      # versions only grow: a sum notices any
 
     # ------------------------------------------------------------------ building
     def _layer(self, blk):
@@ -395,7 +397,7 @@ class DecodePlan:
         self._norm_f = self.norm_f.contiguous()
         self._eps_f = self.model.backbone.norm_f.eps
         emb = _dense_mat(self.emb) or _dense_mat(self.emb.float().contiguous())     # fp16 tables: an fp32 copy
-        self._emb_mat, self._state_key, self._state_arr = emb[0], None, None
+        self._emb_mat, self._state_key, self._state_arr, self._head = emb[0], None, None, None
         self._keep += emb[1]
         self.native = fn
 
@@ -479,14 +481,14 @@ class DecodePlan:
     def _rows_native(self, tokens, cache, slots, head=None):
         """The C kernel on B rows: (h [B, d], logits [B, V] or None); None (nothing done) when the cache is not
         laid out as the layers were described."""
-        lengths = cache.lengths.tolist()
-        pos = [lengths[s] for s in slots]
+        lengths = cache.lengths.numpy()                             # a view: numpy indexing is ~50x torch's
+        pos = [int(lengths[s]) for s in slots]
         self._grow_kv(cache, max(pos) + 1)
         state = self._state(cache, slots)
         if state is None:
             return None
         B, d = len(slots), self.d
-        hm = _mat(head) if head is not None and getattr(head, "bias", None) is None else None
+        hm = self._head_mat(head)
         out = torch.empty(B, d)
         logits = torch.empty(B, hm[0].rows) if hm is not None else None
         if self.native(self._c["layers"], len(self.kinds), d, B, ctypes.byref(self._emb_mat),
@@ -496,5 +498,16 @@ class DecodePlan:
                        default_threads(self.threads)):
             raise MemoryError("the native decode step could not allocate its scratch memory")
         for slot, p in zip(slots, pos):
-            cache.lengths[slot] = p + 1
+            lengths[slot] = p + 1
         return out, logits
+
+    def _head_mat(self, head):
+        """The `Mat` of `head` (None: no head, a bias, or a format the kernel does not read), kept while the head
+        holds the same weight tensor."""
+        if head is None or getattr(head, "bias", None) is not None:
+            return None
+        w = getattr(head, "weight", None)
+        key = (head, w, None if w is None else w.data_ptr())
+        if self._head is None or any(x is not y and x != y for x, y in zip(self._head[0], key)):
+            self._head = (key, _mat(head))
+        return self._head[1]

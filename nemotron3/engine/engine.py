@@ -167,6 +167,7 @@ class LLMEngine:
         self.fast_decode = fast_decode
         self._plan: DecodePlan | None = None
         self._plan_full_check = True
+        self._plan_head = None
         self.grammars = None if tokenizer is None else Grammars(self._detok_backend, cfg.vocab_size, self.eos_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -534,19 +535,20 @@ class LLMEngine:
                 return None
             if self._plan is None or self._plan.stale(full=True):
                 self._plan = DecodePlan(self.model, threads=self.threads)
+            self._plan_head = self.model.lm_head if self._fused_head() else None    # lm_head in the kernel call
         elif self._plan is not None and self._plan.stale(full=False):
             self._plan = DecodePlan(self.model, threads=self.threads)
         return self._plan
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        m, dev = self.model, self.model.device
+        m = self.model
         plan = self._decode_plan() if self.fast_decode and len(seqs) <= PLAN_MAX_ROWS else None
         logits = None
         if plan is not None and (len(seqs) == 1 or plan.native is not None):
-            head = m.lm_head if self._fused_head() else None
-            h, logits = plan.step_logits([s.output_ids[-1] for s in seqs], self.cache, [s.slot for s in seqs], head)
+            h, logits = plan.step_logits([s.output_ids[-1] for s in seqs], self.cache, [s.slot for s in seqs],
+                                         self._plan_head)
         else:
-            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=dev)
+            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=m.device)
             h = m.hidden_states(ids, self.cache, [s.slot for s in seqs])[:, -1]
         for b, s in enumerate(seqs):
             s.num_computed += 1
