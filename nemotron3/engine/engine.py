@@ -166,8 +166,7 @@ class LLMEngine:
         # writes K/V as the cache stores them (fp32, bf16, FP8 E4M3 with the cache's scales).
         self.fast_decode = fast_decode
         self._plan: DecodePlan | None = None
-        self._plan_full_check = True
-        self._plan_head = None
+        self._plan_full_check, self._plan_head = True, None
         self.grammars = None if tokenizer is None else Grammars(self._detok_backend, cfg.vocab_size, self.eos_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -181,8 +180,7 @@ class LLMEngine:
         return self.model.logits(h)
 
     def _fused_head(self) -> bool:
-        """Whether the C kernel may compute the logits (lm_head without bias, fp32 activations): `logits` and
-        the decode plan's fused step (backbone + lm_head in one call) use it then."""
+        """Whether the C kernel may compute the logits (no lm_head bias, fp32 activations); also in the plan's step."""
         return self.model.lm_head.bias is None and self.model.dtype == torch.float32
 
     # ------------------------------------------------------------------ requests
