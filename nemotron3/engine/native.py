@@ -61,10 +61,10 @@ def _cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def native_library():
-    """decode_step.c (`n3_decode_rows`, `n3_matmul`, `n3_argmax`, `n3_kv_store` / `n3_kv_load`; it includes decode_mat.c, decode_pool.c and
-    decode_layers.c) compiled on first use with the system C compiler ($CC, cc or gcc) into
-    $NEMOTRON3_CACHE/native (default ~/.cache/nemotron3/native; one file per sources, flags and CPU, written
-    atomically), or None: NEMOTRON3_NATIVE=0, no compiler, or a failed build (warned)."""
+    """decode_step.c (`n3_decode_rows`, `n3_matmul`, `n3_argmax`, `n3_kv_store` / `n3_kv_load`; it includes
+    decode_mat.c, decode_pool.c and decode_layers.c) compiled on first use with the system C compiler ($CC, cc
+    or gcc) into $NEMOTRON3_CACHE/native (default ~/.cache/nemotron3/native; one file per sources, flags and CPU,
+    written atomically), or None: NEMOTRON3_NATIVE=0, no compiler, or a failed build (warned)."""
     if os.environ.get("NEMOTRON3_NATIVE", "1") == "0":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
