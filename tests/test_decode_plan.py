@@ -249,6 +249,22 @@ def test_matmul_reads_every_format(fmt, n_in, n_out, rows):
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_fused_head_follows_a_replaced_head_weight():
+    """The plan keeps the lm_head's `Mat` between steps; a head whose weight tensor was replaced gets a new one
+    (the logits are the new weight's, not a read of the old memory)."""
+    torch.manual_seed(0)
+    model = randomize(NemotronHForCausalLM(get_preset("tiny")).eval(), 3)
+    plan = DecodePlan(model, native=True)
+    cache = HybridCache(model.config, 1, max_len=4)
+    with torch.no_grad():
+        h, logits = plan.step_logits([3], cache, [0], model.lm_head)
+        torch.testing.assert_close(logits, model.logits(h), rtol=1e-4, atol=1e-4)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 2)
+        h, logits = plan.step_logits([4], cache, [0], model.lm_head)
+        torch.testing.assert_close(logits, model.logits(h), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
 def test_native_argmax_is_torchs():
     """The kernel's row argmax (the engine's greedy choice) follows torch.argmax: first maximum on ties, a NaN
     wins (the first NaN), -inf rows give 0."""

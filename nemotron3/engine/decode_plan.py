@@ -507,7 +507,7 @@ class DecodePlan:
         if head is None or getattr(head, "bias", None) is not None:
             return None
         w = getattr(head, "weight", None)
-        key = (head, w, None if w is None else w.data_ptr())
-        if self._head is None or any(x is not y and x != y for x, y in zip(self._head[0], key)):
-            self._head = (key, _mat(head))
-        return self._head[1]
+        ptr = None if w is None else w.data_ptr()
+        if self._head is None or self._head[0] is not head or self._head[1] is not w or self._head[2] != ptr:
+            self._head = (head, w, ptr, _mat(head))
+        return self._head[3]
