@@ -7,7 +7,7 @@
  *   NVFP4 uint8 [rows, cols/2] E2M1 codes (element 0 in the low nibble), e4m3 block scales [rows, cols/16],
  *         fp32 tensor scale s2                                  value = e2m1 * scale_b * s2
  * `mm_rows` computes output rows [r0, r1) of Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] * W @ X[b] for B rows;
- * the threads of a step each take a slice of the output rows, four weight rows at a time. Weights are
+ * the threads of a step each take a slice of the output rows (in blocks of four). Weights are
  * decoded to fp32 in registers, and read from memory once per call for all B rows:
  *   B = 1     straight into the multiply-adds, one dot product per weight row (dot_rows);
  *   B = 2, 3  the same, each decoded weight vector times every row of X (few_avx2);
@@ -118,24 +118,20 @@ static inline float vec_scale(const Mat *M) {
     return M->fmt == FP8 ? M->s2 * 256.0f : M->fmt == NVFP4 ? M->s2 * 0.5f : 1.0f;
 }
 
-/* dots[r] = W[o + r] . x for R (1 or 4) weight rows, one input row; R and fmt are constants where this
- * is inlined (dot_rows below), so the accumulators stay in registers and the decoder is chosen once. */
+/* W[o] . x for one weight row; fmt is a constant where this is inlined (dot_rows below), so the decoder is
+ * chosen once. One row at a time reads the weight as one sequential stream (4 interleaved rows read ~1.5x
+ * slower at batch 1). */
 #if N3_AVX2
-INLINE void dot_avx2(const Mat *M, const int fmt, int64_t o, const int R, const float *restrict x, float *dots) {
+INLINE float dot_avx2(const Mat *M, const int fmt, int64_t o, const float *restrict x) {
     const int64_t K = M->cols;
-    __m256 a[4][2];
-    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-        for (int r = 0; r < R; r++) {
-            __m256 lo, hi;
-            load16(M, fmt, o + r, k, &lo, &hi);
-            a[r][0] = _mm256_fmadd_ps(lo, x0, a[r][0]);
-            a[r][1] = _mm256_fmadd_ps(hi, x1, a[r][1]);
-        }
+        __m256 lo, hi;
+        load16(M, fmt, o, k, &lo, &hi);
+        a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + k + 8), a1);
     }
-    const float sc = vec_scale(M);
-    for (int r = 0; r < R; r++) dots[r] = hsum(_mm256_add_ps(a[r][0], a[r][1])) * sc;
+    return hsum(_mm256_add_ps(a0, a1)) * vec_scale(M);
 }
 
 INLINE void decode_avx2(const Mat *M, const int fmt, int64_t o, const int R, float *restrict tile) {
@@ -156,14 +152,19 @@ INLINE void decode_avx2(const Mat *M, const int fmt, int64_t o, const int R, flo
     case FP8: if (R == 4) fn(M, FP8, o, 4, out); else fn(M, FP8, o, 1, out); break;                        \
     default: if (R == 4) fn(M, NVFP4, o, 4, out); else fn(M, NVFP4, o, 1, out);                            \
     }
-#define DOT_ARGS(M, F, o, R, out) dot_avx2(M, F, o, R, x, out)
 #endif
 
 static void dot_rows(const Mat *M, int64_t o, int R, const float *restrict x, float *dots) {
     const int64_t K = M->cols;
 #if N3_AVX2
     if (K % 16 == 0) {
-        DISPATCH(DOT_ARGS, M, o, R, dots);
+        for (int r = 0; r < R; r++)
+            switch (M->fmt) {
+            case F32: dots[r] = dot_avx2(M, F32, o + r, x); break;
+            case BF16: dots[r] = dot_avx2(M, BF16, o + r, x); break;
+            case FP8: dots[r] = dot_avx2(M, FP8, o + r, x); break;
+            default: dots[r] = dot_avx2(M, NVFP4, o + r, x);
+            }
         return;
     }
 #endif
@@ -335,7 +336,8 @@ static void panel_rows(const float *w, int64_t K, int R, const float *XT, int64_
 
 /* Output rows [r0, r1) of Y[b] = (acc ? Y[b] : 0) + bias + alpha[b] W @ X[b], b < B; X rows at stride ldx,
  * Y rows at stride ldy, alpha / bias NULL = 1 / 0. scratch: mm_scratch(B, cols) floats (B > 1 only).
- * Four weight rows at a time (the last rows one at a time). B = 1: dot_rows; B = 2, 3: few_avx2; more: X^T
+ * B = 1: one weight row at a time (dot_rows). B > 1: four weight rows at a time (the last rows one at a time);
+ * B = 2, 3: few_avx2; more: X^T
  * built once per call, then four rows at a time decoded into the fp32 tile (F32: the weight itself) for
  * panel_avx2. Without AVX2 (or cols not a multiple of 16): the tile, then dot_rows for each row of X. */
 static void mm_rows(const Mat *M, int64_t r0, int64_t r1, const float *X, int64_t ldx, int64_t B, float *Y,
@@ -348,8 +350,7 @@ static void mm_rows(const Mat *M, int64_t r0, int64_t r1, const float *X, int64_
         for (int64_t k = 0; k < K; k++)
             for (int64_t b = 0; b < ldt; b++) XT[k * ldt + b] = b < B ? X[b * ldx + k] : 0.0f;
     for (int64_t o = r0; o < r1;) {
-        const int R = B > 1 && r1 - o >= 4 ? 4 : 1;     /* one row: a single sequential stream (4 interleaved
-                                                         * row streams read ~1.5x slower at batch 1) */
+        const int R = B > 1 && r1 - o >= 4 ? 4 : 1;              /* B = 1: one row at a time (dot_avx2) */
         const float *bo = bias ? bias + o : NULL;
 #if N3_AVX2
         if (vec && B > 1 && B <= 3) {
